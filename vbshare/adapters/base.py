@@ -1,0 +1,202 @@
+"""The contract every adapter follows.
+
+Two small classes make up a method:
+
+* `AdapterState` — one per adapted model, attached as `model.vbshare`. It holds the method's config, the
+  targeted shapes, every tensor that modules *share* (VB-LoRA's bank, ASLoRA's A), and the model-wide hooks.
+  Because the model owns it once, a shared tensor appears once in `named_parameters()`, `state_dict()` and a
+  checkpoint.
+* `LowRankAdapter` — wraps one base linear layer. A subclass says only how to build its factors
+  (A: (r, in), B: (out, r), scale s); the forward pass `base(x) + s·B(A(dropout(x)))`, ΔW, merge/unmerge,
+  disabling, the stored-parameter count and the optimiser roles all follow from that, once, here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import VBShareError
+from ..targets import linear_shape
+
+
+@dataclass
+class AdapterConfig:
+    """Hyperparameters shared by every method. Subclasses add their own fields (with defaults)."""
+
+    r: int = 8
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise VBShareError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise VBShareError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], method: str) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise VBShareError(
+                f"unknown {method} hyperparameter(s) {', '.join(unknown)}; valid ones are: {', '.join(sorted(known))}"
+            )
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+class AdapterState(nn.Module):
+    """Model-wide state of one injected method (attached as `model.vbshare`).
+
+    Attributes:
+        method: the method's registry name.
+        config: its `AdapterConfig`.
+        targets: adapted module name -> (out_features, in_features) of its base layer.
+        inference_only: set when weights came from a lossy stored form (VB-LoRA top-k); training then refuses.
+    """
+
+    roles: ClassVar[dict[str, str]] = {}  # local parameter name -> optimiser role, for shared tensors
+    decay_free_roles: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, method: str, config: AdapterConfig, targets: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.method = method
+        self.config = config
+        self.targets = dict(targets)
+        self.inference_only = False
+        object.__setattr__(self, "_adapters", {})  # name -> adapter, owned by the model, so not registered here
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def register(self, name: str, adapter: "LowRankAdapter") -> None:
+        self._adapters[name] = adapter
+
+    def adapters(self) -> dict[str, "LowRankAdapter"]:
+        return dict(self._adapters)
+
+    # -- hooks (the training loop calls these once per step, through vbshare.extra_loss / vbshare.after_step) --
+    def extra_loss(self) -> Tensor | None:
+        """Sum of the modules' extra loss terms, or None when no module has one."""
+        terms = [t for t in (a.extra_loss() for a in self._adapters.values()) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called right after every `optimizer.step()`; `step` counts completed steps from 1."""
+        for adapter in self._adapters.values():
+            adapter.after_step(optimizer, step)
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def stored_parameters(self, topk_only: bool = True) -> float:
+        """Parameters of the shared tensors (counted once); modules count their own."""
+        return sum(p.numel() for p in self.parameters(recurse=False))
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able state saved with the adapter (e.g. ASLoRA's tie-sets); restored before tensors load."""
+        return {}
+
+    def load_metadata(self, metadata: dict[str, Any]) -> None:
+        pass
+
+    def pack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
+        """Turn adapter tensors (model state_dict keys) into the form written to disk."""
+        if topk_only:
+            raise VBShareError(f"topk_only applies to vblora only, not {self.method}; drop topk_only=True")
+        return tensors
+
+    def unpack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
+        """Inverse of `pack`: tensors read from disk -> model state_dict keys."""
+        return tensors
+
+
+class LowRankAdapter(nn.Module):
+    """One adapted linear layer: y = base(x) + s · B (A (dropout(x))).
+
+    Subclasses set `config_class`, optionally `state_class`, `roles` (local parameter name -> optimiser
+    role) and implement `factors()`. Shapes: x (..., in) -> y (..., out); A (r, in); B (out, r).
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    state_class: ClassVar[type[AdapterState]] = AdapterState
+    roles: ClassVar[dict[str, str]] = {}
+    decay_free_roles: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, base_layer: nn.Module, name: str, config: AdapterConfig, state: AdapterState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.name = name
+        self.out_features, self.in_features, self.fan_in_fan_out = linear_shape(base_layer)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        object.__setattr__(self, "_state", state)  # owned by the model (model.vbshare), not by this module
+        state.register(name, self)
+
+    @property
+    def state(self) -> AdapterState:
+        return self._state
+
+    # -- what a subclass provides ------------------------------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """(A (r, in), B (out, r), scale s) as used in the forward pass."""
+        raise NotImplementedError
+
+    def extra_loss(self) -> Tensor | None:
+        """An extra term added to the training loss (e.g. an L1 penalty), or None."""
+        return None
+
+    def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after every optimiser step (e.g. a proximal update)."""
+
+    def stored_parameters(self, topk_only: bool = True) -> float:
+        """Parameters this module adds to a checkpoint (shared tensors are counted by the state)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base_layer."))
+
+    @property
+    def rank(self) -> int:
+        return self.factors()[0].shape[0]
+
+    # -- derived once for every method -------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """ΔW = s · B A, shape (out, in) — always the nn.Linear orientation, whatever the base layer stores."""
+        A, B, scale = self.factors()
+        return (B @ A) * scale
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if self.disabled or self.merged:
+            return result
+        A, B, scale = self.factors()
+        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
+        return result + (F.linear(h, B) * scale).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW into the base weight in place; a second call does nothing."""
+        if self.merged:
+            return
+        self._add_to_base(self.delta_weight(), sign=1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW back out of the base weight; does nothing when not merged."""
+        if not self.merged:
+            return
+        self._add_to_base(self.delta_weight(), sign=-1.0)
+        self.merged = False
+
+    def _add_to_base(self, delta: Tensor, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = delta.T if self.fan_in_fan_out else delta  # Conv1D stores (in, out)
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
