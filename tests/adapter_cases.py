@@ -1,0 +1,52 @@
+"""One entry per adapter method for the shared test matrix (tests/test_matrix.py).
+
+A case gives the hyperparameters for the tiny test models and an INDEPENDENT float64 reference for a
+module's ΔW (out, in), written from METHODS.md without calling the method's own `factors()`.
+Adding a method to the matrix = adding one `Case` to `CASES`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    method: str
+    hyperparameters: dict = field(default_factory=dict)
+    reference_delta: Callable[[torch.nn.Module], torch.Tensor] | None = None  # adapter -> ΔW (out, in), float64
+
+
+def lora_reference(adapter) -> torch.Tensor:
+    A, B = adapter.lora_A.detach().double(), adapter.lora_B.detach().double()  # (r, in), (out, r)
+    return adapter.scale * B @ A
+
+
+def vblora_reference(adapter) -> torch.Tensor:
+    """Compose every sub-vector by an explicit loop: top-k by sorting, softmax over those k, weighted bank rows."""
+    bank = adapter.state.bank.detach().double()  # (h, b)
+    h, b = bank.shape
+    k = adapter.topk
+
+    def compose(logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.detach().double().reshape(-1, h)
+        rows = []
+        for row in flat:
+            chosen = torch.argsort(row, descending=True)[:k]
+            weights = torch.exp(row[chosen] - row[chosen].max())
+            weights = weights / weights.sum()
+            rows.append((weights[:, None] * bank[chosen]).sum(0))
+        return torch.stack(rows).reshape(*logits.shape[:-1], b)
+
+    r = adapter.logits_A.shape[0]
+    A = compose(adapter.logits_A).reshape(r, -1)  # (r, in/b, b) -> (r, in)
+    B = compose(adapter.logits_B).permute(0, 2, 1).reshape(-1, r)  # (out/b, r, b) -> (out/b, b, r) -> (out, r)
+    return adapter.scale * B @ A
+
+
+CASES: dict[str, Case] = {
+    "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference),
+    "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference),
+}
