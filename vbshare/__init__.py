@@ -24,12 +24,13 @@ from .core import (
 )
 from .errors import VBShareError
 from .peft_interop import export_peft, import_peft
+from .sora import prune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "AdapterConfig", "AdapterState", "AdapterSummary", "LowRankAdapter", "VBShareError",
     "adapter_state_dict", "adapters", "after_step", "disabled", "export_peft", "extra_loss", "import_peft",
-    "inject", "load_adapter", "merge", "param_groups", "parameter_roles", "read_adapter_config", "save_adapter",
+    "inject", "load_adapter", "merge", "param_groups", "parameter_roles", "prune", "read_adapter_config", "save_adapter",
     "state_of", "summary", "unmerge",
 ]

@@ -79,6 +79,7 @@ def _serialise(tensors: dict[str, Tensor]) -> bytes:
 
 def adapter_bytes(model: nn.Module, topk_only: bool = False) -> int:
     """Size in bytes of the adapter weights file `save_adapter` would write."""
+    model = state_of(model).saved_form(model)
     state = state_of(model)
     return len(_serialise(state.pack(adapter_state_dict(model), topk_only=topk_only)))
 
@@ -88,6 +89,7 @@ def save_adapter(
     directory: str | os.PathLike,
     topk_only: bool = False,
     modules: Sequence[str] = (),
+    stored_form: bool = True,
 ) -> Path:
     """Save the adapter (weights only) and its JSON description into `directory`.
 
@@ -95,7 +97,11 @@ def save_adapter(
         topk_only: VB-LoRA's compact inference form (indices + k−1 weights per sub-vector); it cannot be
             trained further.
         modules: names of extra trainable modules (e.g. a classifier head) to save in `modules.safetensors`.
+        stored_form: write the method's stored form (`AdapterState.saved_form`: SoRA saves its pruned LoRA);
+            False writes the training form, from which training resumes exactly (SoRA keeps its gates).
     """
+    if stored_form:
+        model = state_of(model).saved_form(model)
     state = state_of(model)
     directory = Path(directory)
     weights = _serialise(state.pack(adapter_state_dict(model), topk_only=topk_only))

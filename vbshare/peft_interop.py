@@ -46,8 +46,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
                 base_model_name_or_path: str | None = None) -> Path:
     """Write the model's adapter as a PEFT folder that `peft.PeftModel.from_pretrained(base, dir)` loads.
 
-    LoRA (including per-module ranks from `rank_pattern`) and VB-LoRA (full or `topk_only`) are supported.
+    LoRA (including per-module ranks from `rank_pattern`) and VB-LoRA (full or `topk_only`) are supported,
+    and SoRA through its stored form (the pruned LoRA).
     """
+    model = state_of(model).saved_form(model)
     state = state_of(model)
     layers = adapters(model)
     fan_in_fan_out = any(a.fan_in_fan_out for a in layers.values())
@@ -87,8 +89,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
         renamed = {PEFT_BANK if k == f"{STATE_ATTR}.bank" else _rename(k, _VBLORA_KEYS): v for k, v in tensors.items()}
     else:
         raise VBShareError(
-            f"PEFT export covers lora and vblora; {state.method} adapters must be converted first "
-            "(e.g. vbshare.prune for SoRA)"
+            f"PEFT has no {state.method} adapter with the same maths; export covers lora, vblora and sora (as LoRA)"
         )
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_FILE,

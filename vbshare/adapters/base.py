@@ -94,6 +94,11 @@ class AdapterState(nn.Module):
             adapter.after_step(optimizer, step)
 
     # -- storage ---------------------------------------------------------------------------------------------
+    def saved_form(self, model: nn.Module) -> nn.Module:
+        """The model whose adapter `save_adapter` writes: by default the model itself; a method whose stored
+        form is another method's (SoRA -> its pruned LoRA) returns a converted copy, leaving `model` as it is."""
+        return model
+
     def stored_parameters(self, topk_only: bool = True) -> float:
         """Parameters of the shared tensors (counted once); modules count their own."""
         return sum(p.numel() for p in self.parameters(recurse=False))
