@@ -46,7 +46,39 @@ def vblora_reference(adapter) -> torch.Tensor:
     return adapter.scale * B @ A
 
 
+def sora_reference(adapter) -> torch.Tensor:
+    """ΔW = (α / r_max) · Σ_i g_i · b_i a_iᵀ, summed rank-one component by component (METHODS.md §2)."""
+    A, B = adapter.lora_A.detach().double(), adapter.lora_B.detach().double()  # (r, in), (out, r)
+    g = adapter.gate.detach().double()  # (r,)
+    config = adapter.state.config
+    scale = (config.alpha if config.alpha is not None else config.r) / config.r
+    delta = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+    for i in range(g.numel()):
+        delta += g[i] * torch.outer(B[:, i], A[i])
+    return scale * delta
+
+
+def aslora_reference(adapter) -> torch.Tensor:
+    """A of the module's role and B of its tie-set, found from the saved metadata and the state_dict keys."""
+    import re
+
+    state = adapter.state
+    meta = state.metadata()
+    tensors = state.state_dict()
+    role = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", adapter.name)
+    group_key = re.sub(r"[^0-9A-Za-z_]", "_", role.replace("*", "N"))
+    (tie_key,) = [k for k, names in meta["ties"][role].items() if adapter.name in names]
+    A = tensors[f"A_{group_key}"].double()  # (r, in)
+    B = tensors[f"B_{tie_key}"].double()  # (out, r)
+    config = state.config
+    return (config.alpha / config.r) * B @ A
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference),
     "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference),
+    # merge_start=1, merge_every=1: every group of 2 layers ties its pair at step 1, so each check sees ties
+    "aslora": Case("aslora", {"r": 4, "alpha": 8, "merge_start": 1, "merge_every": 1}, aslora_reference),
+    # lam small: τ = lr·λ = 1e-4 per step, so 3 steps at lr 1e-2 train the adapter without pruning it away
+    "sora": Case("sora", {"r": 4, "alpha": 8, "lam": 0.01}, sora_reference),
 }
