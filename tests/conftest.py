@@ -1,0 +1,5 @@
+"""Shared pytest set-up: the `decoder` marker (SmolLM2 tests; deselect with -m "not decoder")."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "decoder: runs the SmolLM2-135M decoder path (one-time GGUF conversion)")

@@ -1,0 +1,185 @@
+"""The Hydra training app (vbshare/train): end-to-end runs, resume equality, bad input.
+
+In-process runs use Hydra's compose API (fast); CLI behaviour (module entry, one-line errors) uses a
+subprocess. Everything runs on `trainer=debug` (a few steps on a few examples).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from vbshare.adapters import METHODS
+from vbshare.train import CONFIG_DIR, run_training
+from vbshare.train.loop import batch_indices, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["trainer=debug", "data.max_length=32"]
+# Per-method overrides that make the method's after-step machinery act within a debug run.
+ACTIVE = {"aslora": ["adapter.hparams.merge_start=1", "adapter.hparams.merge_every=2"]}
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def train(overrides: list[str], run_dir: Path):
+    return run_training(compose_config(overrides), run_dir)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run_dir(run_dir: Path, method: str) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("method", "hyperparameters", "final", "best", "trainable_parameters", "stored_parameters",
+                "adapter_bytes", "wall_time_s", "steps_per_s", "peak_memory_mb"):
+        assert key in summary, key
+    assert summary["method"] == method
+    assert (run_dir / "config.yaml").is_file()
+    assert any("loss" in r and "split" not in r for r in read_metrics(run_dir))
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "modules.safetensors").is_file()  # the classifier head rides along
+    if method == "vblora":
+        assert (run_dir / "adapter_topk" / "adapter_config.json").is_file()
+    return summary
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "minilm"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_adapter_end_to_end(method, model, tmp_path):
+    summary = train([f"+adapter={method}", f"model={model}", *FAST], tmp_path)
+    check_run_dir(tmp_path, method)
+    assert summary["steps"] == 4
+    assert 0.0 <= summary["final"]["test"]["accuracy"] <= 1.0
+    assert summary["best"]["step"] in (2, 4)
+    assert summary["trainable_parameters"] > 0 and summary["adapter_bytes"] > 0
+
+
+def test_full_finetune_baseline(tmp_path):
+    summary = train(["model=tiny_bert", *FAST], tmp_path)
+    assert summary["method"] == "full_finetune"
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["review", "stars"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def small_csv(tmp_path: Path, rows: int = 40) -> Path:
+    words = {"good": "a lovely great film", "bad": "a dull awful film"}
+    data = [{"review": f"{words[s]} number {i}", "stars": s} for i in range(rows) for s in ("good", "bad")]
+    return write_csv(tmp_path / "reviews.csv", data)
+
+
+def test_files_csv(tmp_path):
+    csv_path = small_csv(tmp_path)
+    summary = train(["+adapter=lora", "model=tiny_bert", "data=files", f"data.path={csv_path}",
+                     "data.text_column=review", "data.label_column=stars", *FAST], tmp_path / "run")
+    check_run_dir(tmp_path / "run", "lora")
+    assert summary["task"] == "reviews"
+
+
+@pytest.mark.decoder
+def test_decoder_smollm2_perplexity(tmp_path):
+    summary = train(["+adapter=lora", "model=smollm2_135m", "data=bbc_lm", "trainer=debug", "data.max_length=32",
+                     "trainer.max_examples=3", "trainer.max_steps=2", "trainer.batch_size=2",
+                     "trainer.eval_every=2"], tmp_path)
+    assert summary["metric"] == "perplexity"
+    ppl = summary["final"]["validation"]["perplexity"]
+    assert math.isfinite(ppl) and ppl > 1.0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_logs_identical_losses(method, tmp_path):
+    """A run stopped at step 3 and resumed logs exactly the losses of an uninterrupted run."""
+    common = [f"+adapter={method}", "model=tiny_bert", *FAST, *ACTIVE.get(method, []),
+              "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=3"]
+    full = train(common, tmp_path / "full")
+    assert train([*common, "trainer.stop_at_step=3"], tmp_path / "cut") is None
+    resumed = train([*common, f"trainer.resume={tmp_path / 'cut'}"], tmp_path / "elsewhere")
+
+    def losses(run_dir: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "split" not in r]
+
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    assert [s for s, _ in losses(tmp_path / "cut")] == list(range(1, 7))
+    assert full["final"] == resumed["final"]
+    assert (tmp_path / "full" / "adapter" / "adapter_config.json").read_text() == \
+        (tmp_path / "cut" / "adapter" / "adapter_config.json").read_text()  # incl. ASLoRA ties / SoRA state
+
+
+def test_typo_rejected_by_struct_mode():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["trainer.max_step=3"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["+adapter=vblora", "adapter.hparams.vector_lenght=64"])
+
+
+def test_schedule_and_data_order():
+    steps, warmup = 10, 0.2
+    factors = [lr_factor(s, steps, warmup) for s in range(steps)]
+    assert factors[0] == 0.5 and factors[1] == 1.0 and factors[-1] == pytest.approx(0.125)
+    first_epoch = [batch_indices(10, 3, s, seed=0).tolist() for s in range(3)]
+    assert len({i for b in first_epoch for i in b}) == 9  # one epoch: disjoint batches
+    assert batch_indices(10, 3, 4, seed=0).tolist() == batch_indices(10, 3, 4, seed=0).tolist()
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "VBSHARE_DEBUG")}
+    return subprocess.run([sys.executable, "-m", "vbshare.train", *args, f"hydra.run.dir={tmp_path / 'cli'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_module_entry(tmp_path):
+    done = cli(["+adapter=lora", "model=tiny_bert", *FAST], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_run_dir(tmp_path / "cli", "lora")
+    assert (tmp_path / "cli" / ".hydra" / "config.yaml").is_file()
+
+
+BAD_INPUT = {
+    "unknown_adapter": (["+adapter=nope"], "adapter"),
+    "unknown_model": (["model=nope"], "model"),
+    "unknown_data": (["data=nope"], "data"),
+    "vector_length": (["+adapter=vblora", "model=tiny_bert", "adapter.hparams.vector_length=48"], "vector_length"),
+    "missing_label_column": (["+adapter=lora", "model=tiny_bert", "data=files", "data.path={csv}",
+                              "data.text_column=review", "data.label_column=nope"], "nope"),
+    "empty_dataset": (["+adapter=lora", "model=tiny_bert", "data=files", "data.path={empty}"], "no rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_cli_bad_input_one_line_error(case, tmp_path):
+    args, needle = BAD_INPUT[case]
+    csv_path, empty = small_csv(tmp_path), write_csv(tmp_path / "empty.csv", [])
+    done = cli([a.format(csv=csv_path, empty=empty) for a in args] + FAST, tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert needle in lines[0]
+
+
+def test_wandb_offline_logger(tmp_path, monkeypatch):
+    """logger=wandb runs offline by default: no account, a local run folder under the run directory."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(["+adapter=lora", "model=tiny_bert", "logger=wandb", *FAST], tmp_path / "run")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "run" / "summary.json").is_file()
