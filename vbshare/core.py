@@ -38,6 +38,20 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankAdapter)}
 
 
+def _begin_forward(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook on the root model: tells its state a new forward pass starts (module-level, so a
+    deep-copied or pickled model calls its own state)."""
+    state = getattr(module, STATE_ATTR, None)
+    if isinstance(state, AdapterState):
+        state.begin_forward()
+
+
+def _end_forward(module: nn.Module, args: Any, output: Any) -> None:
+    state = getattr(module, STATE_ATTR, None)
+    if isinstance(state, AdapterState):
+        state.end_forward()
+
+
 def inject(
     model: nn.Module,
     method: str,
@@ -76,6 +90,8 @@ def inject(
         setattr(parent, child, adapter.train(modules[name].training))  # keep the base layer's train/eval mode
     device = next(iter(modules[names[0]].parameters())).device
     model.add_module(STATE_ATTR, state.to(device))
+    model.register_forward_pre_hook(_begin_forward)
+    model.register_forward_hook(_end_forward, always_call=True)
     return model
 
 

@@ -81,6 +81,14 @@ class AdapterState(nn.Module):
     def adapters(self) -> dict[str, "LowRankAdapter"]:
         return dict(self._adapters)
 
+    # -- forward-pass bracket (called by hooks that `vbshare.inject` registers on the root model) ---------------
+    def begin_forward(self) -> None:
+        """Called before every forward pass of the adapted (root) model; a state that caches per-pass work
+        (VB-LoRA's composed factors) starts a new pass here. Default: nothing."""
+
+    def end_forward(self) -> None:
+        """Called after every forward pass of the root model (also when it raised). Default: nothing."""
+
     # -- hooks (the training loop calls these once per step, through vbshare.extra_loss / vbshare.after_step) --
     def extra_loss(self) -> Tensor | None:
         """Sum of the modules' extra loss terms, or None when no module has one."""
@@ -180,6 +188,10 @@ class LowRankAdapter(nn.Module):
             return result
         A, B, scale = self.factors()
         h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
+        if h.dtype == result.dtype and result.is_contiguous():
+            # one GEMM computes result + s·h Bᵀ (no separate scale, add or cast kernels)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
+            return out.view(result.shape)
         return result + (F.linear(h, B) * scale).to(result.dtype)
 
     @torch.no_grad()

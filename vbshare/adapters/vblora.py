@@ -9,8 +9,10 @@ Logits layout is PEFT's, so checkpoints interoperate:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import reduce
+from typing import Any
 
 import torch
 from einops import einsum, rearrange
@@ -69,8 +71,49 @@ def mix(logits: Tensor, bank: Tensor, topk: int) -> Tensor:
     return einsum(weights, vectors, "... k, ... k b -> ... b")
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. an activation-checkpoint recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Composed:
+    """One batched composition: every module's (A, B), and what it is valid for."""
+
+    __slots__ = ("key", "grad", "generation", "checked", "factors", "__weakref__")
+
+    def __init__(self, key: tuple, grad: bool, generation: int, factors: dict[str, tuple[Tensor, Tensor]]):
+        self.key = key  # parameter versions / storages / dtype / device it was built from
+        self.grad = grad  # built with autograd recording: valid for one forward pass only
+        self.generation = generation  # the root-model forward pass it was built (or last checked) in
+        self.checked = generation
+        self.factors = factors
+
+
+def _consumed(state_ref: "weakref.ref[VBLoRAState]", entry_ref: "weakref.ref[_Composed]", grad: Tensor) -> None:
+    """Tensor hook on the composed sub-vectors: backward has reached them, so their graph is spent."""
+    state, entry = state_ref(), entry_ref()
+    if state is not None and entry is not None and state._cache is entry:
+        state._cache = None
+
+
 class VBLoRAState(AdapterState):
-    """Owns the one bank (h, b) shared by every adapted module of the model."""
+    """Owns the one bank (h, b) shared by every adapted module of the model, and composes every module's
+    factors in ONE batched top-k / softmax / gather / weighted sum (`compose_all`).
+
+    Caching (`factors_of`), never visible in the results:
+    * with autograd recording, a composition serves ONE forward pass of the root model: `begin_forward` (a
+      forward pre-hook that `vbshare.inject` registers) starts a new one, and a tensor hook drops it as soon as
+      backward has consumed its graph. Two forwards before one backward (gradient accumulation) therefore each
+      get their own graph. A module called on its own, outside the root model's forward, composes only itself.
+    * without autograd (eval / `torch.no_grad()` / inference mode), the factors are kept until a parameter
+      changes: keyed on every logits tensor's and the bank's `_version` and storage, plus dtype and device.
+      In-place edits through `.data` bypass version tracking; call `invalidate()` after them.
+    * under `torch.compile` nothing is cached: each module composes its own factors inside the graph.
+    """
 
     roles = {"bank": "bank"}
     decay_free_roles = frozenset({"bank"})
@@ -88,6 +131,91 @@ class VBLoRAState(AdapterState):
                 )
         self.bank = nn.Parameter(torch.empty(config.num_vectors, b))  # (h, b)
         nn.init.uniform_(self.bank, -config.init_bank_bound, config.init_bank_bound)
+        self._generation = 0  # forward passes of the root model begun so far
+        self._depth = 0  # root-model forward passes currently running
+        self._cache: _Composed | None = None
+
+    # -- batched composition and its cache ----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the cache behind (it may hold a graph, which cannot be copied)."""
+        values = self.__dict__.copy()
+        values.update(_cache=None, _depth=0)
+        return values
+
+    def invalidate(self) -> None:
+        """Forget the composed factors (needed only after in-place edits through `.data`)."""
+        self._cache = None
+
+    def begin_forward(self) -> None:
+        if _compiling():
+            return
+        self._generation += 1
+        self._depth += 1
+        if self._cache is not None and self._cache.grad:
+            self._cache = None  # the previous pass's graph belongs to that pass
+        if torch.is_grad_enabled() and any(not (a.disabled or a.merged) for a in self._adapters.values()):
+            # compose now, outside every layer, so an activation-checkpointed layer sees the same factors
+            # (and records the same operations) in its forward and in its recompute
+            self._cache = self._build(grad=True)
+
+    def end_forward(self) -> None:
+        if not _compiling():
+            self._depth = max(0, self._depth - 1)
+
+    def _key(self) -> tuple:
+        bank = self.bank
+        key: list[Any] = [bank.dtype, bank.device, bank._version, bank.data_ptr()]
+        for adapter in self._adapters.values():
+            for p in (adapter.logits_A, adapter.logits_B):
+                key += (p._version, p.data_ptr(), p.dtype)
+        return tuple(key)
+
+    def compose_all(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (A (r, in), B (out, r)) of every module, from one concatenated (N_sub, h) logits tensor."""
+        return self._compose_all()[1]
+
+    def _compose_all(self) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        h, b, k = self.config.num_vectors, self.config.vector_length, self.config.topk
+        adapters = list(self._adapters.values())
+        pieces = [t.reshape(-1, h) for a in adapters for t in (a.logits_A, a.logits_B)]
+        mixed = mix(torch.cat(pieces), self.bank, k)  # (N_sub, b)
+        sizes = [piece.shape[0] for piece in pieces]
+        parts = mixed.split(sizes)
+        factors = {}
+        for i, adapter in enumerate(adapters):
+            A = parts[2 * i].view(adapter.logits_A.shape[:2] + (b,))  # (r, in/b, b)
+            B = parts[2 * i + 1].view(adapter.logits_B.shape[:2] + (b,))  # (out/b, r, b)
+            factors[adapter.name] = (rearrange(A, "r n b -> r (n b)"), rearrange(B, "n r b -> (n b) r"))
+        return mixed, factors
+
+    def _build(self, grad: bool) -> _Composed:
+        key = self._key()
+        with torch.set_grad_enabled(grad):
+            mixed, factors = self._compose_all()  # mixed: (N_sub, b), every module's sub-vectors
+        entry = _Composed(key, grad, self._generation, factors)
+        if grad and mixed.requires_grad:
+            # fires once backward has reached the composition, i.e. consumed (and freed) its graph
+            mixed.register_hook(lambda g, s=weakref.ref(self), e=weakref.ref(entry): _consumed(s, e, g))
+        return entry
+
+    def factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The module's (A, B) from the batched composition, or None when it should compose its own."""
+        if _compiling():
+            return None
+        entry = self._cache
+        if torch.is_grad_enabled():
+            if (entry is not None and entry.grad and entry.generation == self._generation
+                    and (self._depth > 0 or _in_backward())):
+                return entry.factors[name]
+            if self._depth == 0:
+                return None  # called on its own: its graph must not be shared with anything else
+            self._cache = entry = self._build(grad=True)
+            return entry.factors[name]
+        if entry is None or entry.grad or (
+                not (self._depth > 0 and entry.checked == self._generation) and entry.key != self._key()):
+            self._cache = entry = self._build(grad=False)
+        entry.checked = self._generation if self._depth > 0 else -1
+        return entry.factors[name]
 
     def stored_parameters(self, topk_only: bool = True) -> float:
         return self.bank.numel()
@@ -147,10 +275,16 @@ class VBLoRA(LowRankAdapter):
                 f"{self.name} was loaded from a top-k-only checkpoint, which cannot be trained; "
                 "load the full checkpoint (saved with topk_only=False) to continue training"
             )
+        cached = self.state.factors_of(self.name)
+        A, B = cached if cached is not None else self.compose()
+        return A, B, self.scale
+
+    def compose(self) -> tuple[Tensor, Tensor]:
+        """This module's (A, B) on its own (the per-module reference path; used under torch.compile)."""
         bank = self.state.bank
         A = rearrange(mix(self.logits_A, bank, self.topk), "r n b -> r (n b)")  # (r, in/b, b) -> (r, in)
         B = rearrange(mix(self.logits_B, bank, self.topk), "n r b -> (n b) r")  # (out/b, r, b) -> (out, r)
-        return A, B, self.scale
+        return A, B
 
     def sub_vectors(self) -> int:
         """n_sub of this module: r·(in + out)/b."""
