@@ -24,7 +24,7 @@ from vbshare.train.loop import batch_indices, lr_factor
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer=debug", "data.max_length=32"]
 # Per-method overrides that make the method's after-step machinery act within a debug run.
-ACTIVE = {"aslora": ["adapter.hparams.merge_start=1", "adapter.hparams.merge_every=2"]}
+ACTIVE = {"aslora": ["adapter.merge_start=1", "adapter.merge_every=2"]}
 
 
 def compose_config(overrides: list[str]):
@@ -128,7 +128,7 @@ def test_typo_rejected_by_struct_mode():
     with pytest.raises(ConfigCompositionException):
         compose_config(["trainer.max_step=3"])
     with pytest.raises(ConfigCompositionException):
-        compose_config(["+adapter=vblora", "adapter.hparams.vector_lenght=64"])
+        compose_config(["+adapter=vblora", "adapter.vector_lenght=64"])
 
 
 def test_schedule_and_data_order():
@@ -158,7 +158,7 @@ BAD_INPUT = {
     "unknown_adapter": (["+adapter=nope"], "adapter"),
     "unknown_model": (["model=nope"], "model"),
     "unknown_data": (["data=nope"], "data"),
-    "vector_length": (["+adapter=vblora", "model=tiny_bert", "adapter.hparams.vector_length=48"], "vector_length"),
+    "vector_length": (["+adapter=vblora", "model=tiny_bert", "adapter.vector_length=48"], "vector_length"),
     "missing_label_column": (["+adapter=lora", "model=tiny_bert", "data=files", "data.path={csv}",
                               "data.text_column=review", "data.label_column=nope"], "nope"),
     "empty_dataset": (["+adapter=lora", "model=tiny_bert", "data=files", "data.path={empty}"], "no rows"),

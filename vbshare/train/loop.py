@@ -45,10 +45,15 @@ CHECKPOINT = "checkpoint"  # resumable state inside a run directory
 TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "weights.pt"  # full fine-tuning: the whole model
 ADAPTER = "adapter"  # adapter runs: vbshare.save_adapter folder in training form
+RANK_SEED_STRIDE = 7_919  # torchrun rank k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
 DATA_ORDER_SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with generator seed s * stride + e
 BYTES_PER_MIB = 2**20
 KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 LOAD_SLACK = 0.5  # load-average share not counted as a busy core by num_threads=auto
+# Keys of the adapter config that are not hyperparameters; every other key goes to vbshare.inject.
+NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr")
+FULL_FINETUNE = "full_finetune"  # `+adapter=full` (or no adapter): every weight trains
+HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_modules) trains
 # Config keys that may change between an interrupted run and its resumption.
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.progress_bar", "trainer.device", "logger")
 
@@ -66,7 +71,7 @@ class Run:
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     device: torch.device
-    method: str | None  # None: full fine-tuning
+    method: str | None  # the vbshare adapter method; None: full fine-tuning or head-only (see mode)
     head_modules: list[str]
     logger: Any
     step: int = 0  # optimiser steps completed
@@ -74,6 +79,91 @@ class Run:
     train_seconds: float = 0.0  # summed over resumptions
     logger_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "adapter"  # adapter | full_finetune | head_only
+    rank_diff: float | None = None  # distributed: largest trainable-value difference between ranks at the end
+    dist: "Dist" = None  # filled by setup
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+
+# ================================================================================================ distributed
+@dataclass
+class Dist:
+    """Data-parallel layout under torchrun (WORLD_SIZE > 1); rank 0 / world 1 otherwise."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the torchrun process group: nccl when this rank trains on a GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local_rank, backend)
+
+
+def sync_gradients(run: "Run") -> None:
+    """Average the gradients of every optimised parameter over the ranks (one flat all-reduce).
+
+    A parameter without a gradient on every rank keeps grad None, as in a single-process run; one with a
+    gradient on some rank only gets the average with zeros elsewhere."""
+    import torch.distributed as dist
+
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=run.device)  # (P,)
+    dist.all_reduce(has)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    dist.all_reduce(flat)
+    flat /= run.dist.world
+    offset = 0
+    for p, seen in zip(params, has.tolist()):
+        n = p.numel()
+        if seen:
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def trainable_state(run: "Run") -> Tensor:
+    """Every optimised parameter, flattened in float64 (distributed agreement checks)."""
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    return torch.cat([p.detach().reshape(-1).double() for p in params])
+
+
+def check_in_sync(run: "Run") -> float:
+    """Largest |difference| of any trainable value between ranks (0 when they agree bit for bit).
+
+    With all-reduced gradients every rank applies the same update, and ASLoRA's merge decisions and SoRA's
+    gates follow deterministically from identical parameters (random pairing uses a seeded generator of its
+    own); a non-zero difference means a decision diverged, so the run stops rather than save a mixture."""
+    import torch.distributed as dist
+
+    state = trainable_state(run)
+    low, high = state.clone(), state.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    diff = float((high - low).abs().max()) if state.numel() else 0.0
+    if diff != 0.0:
+        raise VBShareError(f"ranks disagree after step {run.step}: trainable parameters differ by up to {diff:.3e} "
+                           "(a merge or gate decision diverged); report this with the config")
+    return diff
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,13 +209,25 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
             log.info("resuming the run in %s (its files are continued there)", resume_dir)
         run_dir = resume_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    dist_info = init_distributed(cfg.trainer.device)
     device = pick_device(cfg.trainer.device)
+    if dist_info.active:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+        if cfg.trainer.batch_size % dist_info.world:
+            raise VBShareError(f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must be divisible "
+                               f"by the number of processes ({dist_info.world})")
+        if dist_info.rank != 0:
+            logging.getLogger("vbshare").setLevel(logging.WARNING)  # rank 0 alone logs
+        log.info("data-parallel: %d processes (%s); global batch %d, %d per rank", dist_info.world,
+                 dist_info.backend, cfg.trainer.batch_size, cfg.trainer.batch_size // dist_info.world)
     threads = set_threads(cfg.trainer.num_threads) if device.type == "cpu" else None
     log.info("device %s%s", device, f" ({threads} threads)" if threads else "")
     seed_everything(cfg.seed)
 
     task: Task = instantiate(cfg.data)
     model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    set_dropout(model, cfg.trainer.get("dropout"))
     data = tokenize_task(task, tokenizer, cfg.trainer.max_examples)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.items())
     log.info("task %s (%s, metric %s): %s %s", task.name, task.kind, task.metric, sizes,
@@ -133,41 +235,93 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
     adapter = cfg.get("adapter")
     head_modules = list(cfg.model.head_modules) if task.kind == "classification" else []
-    if adapter is None:
-        method = None
-        log.info("no adapter given: FULL FINE-TUNING baseline (every weight trains); "
-                 "add +adapter=lora|vblora|aslora|sora to train an adapter instead")
+    mode = adapter_mode(cfg)
+    method = None
+    if mode == FULL_FINETUNE:
+        if adapter is None:
+            log.info("no adapter given: FULL FINE-TUNING baseline (every weight trains); "
+                     "add +adapter=lora|vblora|aslora|sora to train an adapter instead")
         for param in model.parameters():
             param.requires_grad_(True)
     else:
-        method = adapter.method
-        vbshare.inject(model, method, targets=to_python(adapter.targets), **to_python(adapter.hparams))
+        if mode == HEAD_ONLY:
+            if not head_modules:
+                raise VBShareError("adapter=head_only needs a task head: set model.head_modules (classification only)")
+            model.requires_grad_(False)
+        else:
+            method = adapter.method
+            vbshare.inject(model, method, **inject_arguments(adapter))
         for name in head_modules:  # inject froze everything: the task head trains alongside the adapter
             try:
                 model.get_submodule(name).requires_grad_(True)
             except AttributeError:
                 raise VBShareError(f"the model has no module {name!r} to train as head; set model.head_modules") from None
-        log.info("%s", str(vbshare.summary(model)).splitlines()[-1])
+        if method:
+            log.info("%s", str(vbshare.summary(model)).splitlines()[-1])
+        else:
+            log.info("HEAD-ONLY baseline: only %s train (%d parameters)", ", ".join(head_modules),
+                     sum(p.numel() for p in model.parameters() if p.requires_grad))
     model.to(device)
 
     logger = instantiate(cfg.logger)
-    run = Run(cfg, run_dir, task, data, model, tokenizer, build_optimizer(cfg, model, method), device, method,
-              head_modules, logger)
+    if dist_info.rank != 0:
+        from .loggers import NullLogger
+
+        logger = NullLogger()
+    run = Run(cfg, run_dir, task, data, model, tokenizer, build_optimizer(cfg, model, mode), device, method,
+              head_modules, logger, mode=mode, dist=dist_info)
     if resume_dir is not None:
         load_checkpoint(run)
+    if dist_info.rank > 0:  # its own dropout stream (rank 0 keeps the single-process one); init is done
+        torch.manual_seed(cfg.seed * DATA_ORDER_SEED_STRIDE + RANK_SEED_STRIDE * dist_info.rank + run.step)
     return run
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, method: str | None) -> torch.optim.Optimizer:
-    """AdamW over one group per parameter role (adapter) or one group of every weight (full fine-tuning).
+def set_dropout(model: nn.Module, p: float | None) -> None:
+    """trainer.dropout: None keeps the model's own rates; a number sets every nn.Dropout's p (0 turns it off)."""
+    if p is None:
+        return
+    if not 0.0 <= float(p) < 1.0:
+        raise VBShareError(f"trainer.dropout must be null or in [0, 1), got {p!r}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+
+
+def adapter_mode(cfg: DictConfig) -> str:
+    """adapter (a vbshare method), full_finetune (no adapter or `+adapter=full`) or head_only."""
+    adapter = cfg.get("adapter")
+    method = None if adapter is None else adapter.get("method")
+    if method in (None, FULL_FINETUNE):
+        return FULL_FINETUNE
+    return HEAD_ONLY if method == HEAD_ONLY else "adapter"
+
+
+def inject_arguments(adapter: DictConfig) -> dict[str, Any]:
+    """vbshare.inject's keyword arguments: targets / exclude / layers and every hyperparameter (the adapter
+    config's keys except method and lr)."""
+    options = to_python(adapter)
+    return {k: v for k, v in options.items() if k not in ("method", "lr")}
+
+
+def hyperparameters(adapter: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_python(adapter).items() if k not in NON_HPARAM_KEYS}
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, mode: str) -> torch.optim.Optimizer:
+    """AdamW over one group per parameter role (adapter), one group of every weight (full fine-tuning) or one
+    group of the head (head-only).
 
     Each group remembers its peak lr as "base_lr"; the schedule scales it every step.
     """
     from hydra.utils import instantiate
 
-    if method is None:
+    if mode == FULL_FINETUNE:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "role": "full",
                    "lr": cfg.optim.full_finetune_lr, "weight_decay": cfg.optim.weight_decay}]
+    elif mode == HEAD_ONLY:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "role": "head",
+                   "lr": float(to_python(cfg.adapter.lr)["head"]), "weight_decay": cfg.optim.weight_decay}]
     else:
         groups = vbshare.param_groups(model, lr=to_python(cfg.adapter.lr), weight_decay=cfg.optim.weight_decay)
     for group in groups:
@@ -267,19 +421,26 @@ def train(run: Run) -> bool:
     pad_id = run.tokenizer.pad_token_id or 0
     has_validation = "validation" in run.data
     model.train()
-    bar = tqdm(total=t.max_steps, initial=run.step, disable=not t.progress_bar, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress_bar and run.is_main),
+               dynamic_ncols=True, unit="step")
+    shard = t.batch_size // run.dist.world  # examples per rank per step (the global batch split evenly)
     started, steps_here = time.perf_counter(), 0
     while run.step < t.max_steps:
         # -- one optimiser step; param lists are re-read from the optimizer (ASLoRA may swap parameters)
         factor = lr_factor(run.step, t.max_steps, optim_cfg.warmup_ratio)
         for group in run.optimizer.param_groups:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
-        batch = collate(train_data, batch_indices(len(train_data), t.batch_size, run.step, cfg.seed), pad_id, run.device)
+        indices = batch_indices(len(train_data), t.batch_size, run.step, cfg.seed)  # the global batch
+        if run.dist.active:  # this rank's contiguous shard of it
+            indices = indices[run.dist.rank * shard:(run.dist.rank + 1) * shard]
+        batch = collate(train_data, indices, pad_id, run.device)
         loss, _ = forward_loss(model, batch, task)
         extra = vbshare.extra_loss(model) if run.method else None
         total = loss if extra is None else loss + extra
         run.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if run.dist.active:
+            sync_gradients(run)
         grad_norm = None
         if optim_cfg.grad_clip is not None:
             params = [p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -290,7 +451,13 @@ def train(run: Run) -> bool:
         if run.method:
             vbshare.after_step(model, run.optimizer, run.step)
 
-        # -- bookkeeping: log, evaluate, checkpoint
+        # -- bookkeeping: log, evaluate, checkpoint (rank 0 alone writes anything)
+        if run.dist.active and (run.step % t.log_every == 0 or run.step == t.max_steps):
+            import torch.distributed as dist
+
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= run.dist.world  # the global batch's mean loss, as a single process logs it
         lr = run.optimizer.param_groups[0]["lr"]
         rate = steps_here / (time.perf_counter() - started)
         bar.update(1)
@@ -302,7 +469,9 @@ def train(run: Run) -> bool:
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             write_metrics(run, record)
-        if has_validation and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+        if run.dist.active and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+            check_in_sync(run)
+        if has_validation and run.is_main and (run.step % t.eval_every == 0 or run.step == t.max_steps):
             scores = evaluate(run, "validation")
             write_metrics(run, {"step": run.step, "split": "validation", **scores})
             log.info("step %d validation %s", run.step, format_scores(scores))
@@ -310,7 +479,8 @@ def train(run: Run) -> bool:
         if t.checkpoint_every and run.step % t.checkpoint_every == 0:
             run.train_seconds += time.perf_counter() - started
             started, steps_here = time.perf_counter(), 0
-            save_checkpoint(run)
+            if run.is_main:
+                save_checkpoint(run)
         if t.stop_at_step is not None and run.step >= t.stop_at_step and run.step < t.max_steps:
             bar.close()
             log.info("stopped at step %d (trainer.stop_at_step); continue with trainer.resume=%s", run.step, run.run_dir)
@@ -335,7 +505,9 @@ def format_scores(scores: dict[str, float]) -> str:
 
 
 def write_metrics(run: Run, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl and mirror it to the logger."""
+    """Append one JSON line to metrics.jsonl and mirror it to the logger (rank 0 only)."""
+    if not run.is_main:
+        return
     run.history.append(record)
     with (run.run_dir / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -372,6 +544,8 @@ def save_checkpoint(run: Run) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if run.method:
         vbshare.save_adapter(run.model, tmp / ADAPTER, modules=run.head_modules, stored_form=False)
+    elif run.mode == HEAD_ONLY:
+        atomic_torch_save(head_state(run), tmp / WEIGHTS)
     else:
         atomic_torch_save(run.model.state_dict(), tmp / WEIGHTS)
     atomic_torch_save({
@@ -388,6 +562,12 @@ def save_checkpoint(run: Run) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def head_state(run: Run) -> dict[str, Tensor]:
+    """The task head's weights under their full names (head-only checkpoints and outputs)."""
+    prefixes = tuple(name + "." for name in run.head_modules)
+    return {k: v for k, v in run.model.state_dict().items() if k.startswith(prefixes)}
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -433,15 +613,16 @@ def load_checkpoint(run: Run) -> None:
         for name in run.head_modules:
             run.model.get_submodule(name).requires_grad_(True)
     else:
-        run.model.load_state_dict(torch.load(folder / WEIGHTS, map_location=run.device, weights_only=True))
+        weights = torch.load(folder / WEIGHTS, map_location=run.device, weights_only=True)
+        run.model.load_state_dict(weights, strict=run.mode != HEAD_ONLY)
     run.model.to(run.device)
-    run.optimizer = build_optimizer(run.cfg, run.model, run.method)
+    run.optimizer = build_optimizer(run.cfg, run.model, run.mode)
     run.optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"])
     run.step, run.best = state["step"], state["best"]
     run.train_seconds, run.logger_id = state["train_seconds"], state["logger_id"]
     metrics = run.run_dir / "metrics.jsonl"
-    if metrics.is_file():  # drop what the interrupted run logged after its last checkpoint
+    if metrics.is_file() and run.is_main:  # drop what the interrupted run logged after its last checkpoint
         kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         run.history = [r for r in kept if r["step"] <= run.step]
         atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in run.history).encode())
@@ -487,7 +668,18 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
             write_history(model, run.run_dir / "merge_history.jsonl")
         # save_adapter writes each method's stored form: SoRA pruned to plain LoRA (vbshare.prune).
         vbshare.save_adapter(model, run.run_dir / "adapter", modules=run.head_modules)
-        hyper = {"targets": to_python(cfg.adapter.targets), **to_python(cfg.adapter.hparams), "lr": to_python(cfg.adapter.lr)}
+        hyper = {"targets": to_python(cfg.adapter.targets), **hyperparameters(cfg.adapter), "lr": to_python(cfg.adapter.lr)}
+    elif run.mode == HEAD_ONLY:
+        from safetensors.torch import save_file
+
+        head_weights = {k: v.detach().cpu().contiguous() for k, v in head_state(run).items()}
+        (run.run_dir / ADAPTER).mkdir(parents=True, exist_ok=True)
+        save_file(head_weights, str(run.run_dir / ADAPTER / "head.safetensors"))
+        trainable = head = sum(v.numel() for v in head_weights.values())
+        stored_params = 0  # no adapter: the head is reported separately (METHODS.md §4)
+        adapter_bytes = (run.run_dir / ADAPTER / "head.safetensors").stat().st_size
+        hyper = {"lr": to_python(cfg.adapter.lr)}
+        sharing = None
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         head, stored_params, adapter_bytes = 0, trainable, None
@@ -497,7 +689,7 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
 
     train_steps_here = run.step  # steps/s over the (summed) training time of every resumption
     summary = {
-        "method": run.method or "full_finetune",
+        "method": run.method or run.mode,
         "task": task.name,
         "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
         "hyperparameters": hyper,
@@ -515,7 +707,11 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
         "steps_per_s": round(train_steps_here / max(run.train_seconds, 1e-9), 4),
         "peak_memory_mb": round(peak_memory_mb(run.device), 1),
         "device": str(run.device),
+        "world_size": run.dist.world,
     }
+    if run.dist.active:
+        summary["distributed"] = {"world_size": run.dist.world, "backend": run.dist.backend,
+                                  "max_param_diff_across_ranks": run.rank_diff}
     atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     headline = final.get("test", final.get("validation", {})).get(task.metric)
     log.info("done in %.1fs: %s %s=%s; files in %s", wall_seconds, summary["method"], task.metric,
@@ -536,21 +732,42 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     """
     started = time.perf_counter()
     run = setup(cfg, Path(run_dir))
-    atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
     try:
-        if not train(run):
-            return None
-        return save_outputs(run, time.perf_counter() - started)
+        if run.is_main:
+            atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
+        try:
+            if not train(run):
+                return None
+            if run.dist.active:
+                run.rank_diff = check_in_sync(run)  # identical adapters on every rank before rank 0 saves them
+            return save_outputs(run, time.perf_counter() - started) if run.is_main else None
+        finally:
+            run.logger.finish({"best_" + k: v for k, v in (run.best or {}).items() if k != "split"})
     finally:
-        run.logger.finish({"best_" + k: v for k, v in (run.best or {}).items() if k != "split"})
+        if run.dist.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def _hydra_main(cfg: DictConfig) -> None:
+def objective(summary: dict[str, Any] | None) -> float | None:
+    """The value a tuning sweeper (sweep=optuna_lr) optimises: the final validation metric (the test split is
+    never used for tuning), else the final test metric for tasks without a validation split."""
+    if not summary:
+        return None
+    final = summary["final"]
+    scores = final.get("validation") or final.get("test") or {}
+    value = scores.get(summary["metric"])
+    return None if value is None else float(value)
+
+
+def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        run_training(cfg, HydraConfig.get().runtime.output_dir)
+        return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
         exit_with(err)
 
