@@ -237,7 +237,7 @@ def test_save_writes_the_pruned_form_and_loads_as_lora(minilm, tmp_path):
 
 
 def test_peft_loads_the_exported_pruned_adapter(minilm, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model, tokenizer = copy.deepcopy(minilm[0]), minilm[1]
     vbshare.inject(model, "sora", targets=["query", "value", "attention.output.dense"], r=5, alpha=10)
     randomise(model, seed=7)

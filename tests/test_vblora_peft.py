@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2Model
 
 import vbshare
 
-peft = pytest.importorskip("peft")
+import peft  # the reference (dev extra); missing must fail, not skip
 
 
 class TwoLinear(nn.Module):

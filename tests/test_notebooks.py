@@ -1,0 +1,60 @@
+"""Every notebook in notebooks/ runs top to bottom in a `python3` Jupyter kernel (nbclient) against a small run
+it makes itself (its parameter cell left at None), and the VB-LoRA one against a run directory given to it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import ipykernel  # noqa: F401  (the python3 kernel the notebooks run in; a missing dev extra fails, not skips)
+import nbclient
+import nbformat
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+CELL_TIMEOUT_S = 300
+
+
+def execute(path: Path, cwd: Path, parameters: dict[str, object] | None = None):
+    """Run the notebook in a fresh kernel; `parameters` replace the assignments of its `parameters` cell."""
+    nb = nbformat.read(path, as_version=4)
+    if parameters:
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        cell.source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                                     resources={"metadata": {"path": str(cwd)}})
+    started = time.perf_counter()
+    client.execute()  # raises CellExecutionError naming the failing cell
+    return nb, time.perf_counter() - started
+
+
+def images(nb) -> int:
+    return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+
+
+def test_every_notebook_has_a_parameter_cell_and_no_outputs():
+    paths = sorted(NOTEBOOKS.glob("*.ipynb"))
+    assert paths, f"no notebooks in {NOTEBOOKS}"
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters' expected"
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name}: strip outputs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebook_runs_on_its_own_small_run(name, tmp_path):
+    nb, seconds = execute(NOTEBOOKS / name, tmp_path)
+    assert images(nb) >= 2, f"{name} drew {images(nb)} figures"
+    print(f"{name}: {seconds:.1f} s")
+
+
+def test_vblora_notebook_on_a_given_run_directory(tmp_path):
+    from vbshare.analysis import demo
+
+    run = demo.train_run("vblora", tmp_path / "run")  # no snapshots: the drift section says so and moves on
+    nb, _ = execute(NOTEBOOKS / "vblora_sharing.ipynb", tmp_path, {"RUN_DIR": str(run)})
+    text = "".join(out.get("text", "") for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+    assert "need two or more adapter folders" in text
+    assert images(nb) >= 3
