@@ -10,6 +10,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
+
+
+class TwoLinear(nn.Module):
+    """The smallest model with two adaptable layers: (out=64, in=32) then (out=16, in=64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(32, 64)
+        self.lin1 = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
 
 
 @dataclass

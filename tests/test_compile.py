@@ -7,17 +7,7 @@ from torch import nn
 
 import vbshare
 
-from adapter_cases import CASES
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(32, 64)
-        self.lin1 = nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+from adapter_cases import CASES, TwoLinear as MLP
 
 
 def adapted(method: str) -> nn.Module:

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import vbshare
 
-from adapter_cases import CASES, vblora_reference
+from adapter_cases import CASES, TwoLinear, vblora_reference
 from test_matrix import build_adapted, inputs, run
 
 HYPER = CASES["vblora"].hyperparameters
@@ -131,11 +131,8 @@ def test_module_called_on_its_own_keeps_its_own_graph():
     y2.sum().backward()  # would fail if both calls shared one (already freed) composition graph
 
 
-class Checkpointed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(32, 64)
-        self.lin1 = nn.Linear(64, 16)
+class Checkpointed(TwoLinear):
+    """TwoLinear with its body under activation checkpointing."""
 
     def forward(self, x):
         return checkpoint(lambda t: self.lin1(torch.relu(self.lin0(t))), x, use_reentrant=False)

@@ -10,18 +10,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 
 import vbshare
+from adapter_cases import TwoLinear
 
 import peft  # the reference (dev extra); missing must fail, not skip
-
-
-class TwoLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(32, 64)
-        self.lin1 = nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
 
 
 def tiny_gpt2() -> nn.Module:
