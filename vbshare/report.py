@@ -24,6 +24,8 @@ import pandas as pd
 import yaml
 
 from .errors import VBShareError
+from .records import flatten
+from .train.metrics import higher_is_better
 
 SUMMARY, CONFIG = "summary.json", "config.yaml"
 # Trainer settings that define a configuration (runs differing only in seed are pooled; threads, device,
@@ -36,15 +38,6 @@ SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "n_seeds", "see
 
 
 # ================================================================================================= collecting
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def _headline(summary: dict[str, Any], split: str | None) -> tuple[str | None, float]:
     """(split, value) of the task metric: the final test score, else the final validation score."""
     metric, final = summary.get("metric"), summary.get("final") or {}
@@ -96,7 +89,7 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
         "steps": summary.get("steps"),
         "retained_rank": _retained_rank(sharing),
         "merges": sharing.get("merges") if isinstance(sharing, dict) else None,
-        "hparams": _flatten(identity["hyperparameters"]),
+        "hparams": flatten(identity["hyperparameters"]),
         "config_key": json.dumps(identity, sort_keys=True, default=str),
     }
 
@@ -211,10 +204,6 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 
     table = table.loc[sorted(table.index, key=rank)].reset_index(drop=True)
     return table[SUMMARY_COLUMNS]
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in ("perplexity", "loss")
 
 
 def pareto_front(table: pd.DataFrame) -> pd.Series:

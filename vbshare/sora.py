@@ -26,6 +26,7 @@ from .adapters.lora import LoRA, LoRAConfig
 from .adapters.sora import SoRA
 from .core import STATE_ATTR, adapters, state_of
 from .errors import VBShareError
+from .records import read_jsonl
 
 SCHEDULES = ("linear", "log", "exp")
 
@@ -231,7 +232,7 @@ def sparsify(
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The stage records of a `sparsify` JSONL file (e.g. for a notebook)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 __all__ = ["SCHEDULES", "SparsifySchedule", "prune", "read_records", "retained_parameters", "retained_ranks",

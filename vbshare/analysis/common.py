@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from ..errors import VBShareError
+from ..records import read_jsonl  # noqa: F401  (re-exported for the analysis modules)
 from ..targets import layer_index, module_role
 
 STATE_PREFIX = "vbshare."  # state_dict prefix of the model-wide shared tensors (VB-LoRA bank, ASLoRA A / B)
@@ -116,10 +117,6 @@ def list_snapshots(run_dir: PathLike) -> list[tuple[int, Path]]:
         if match and (child / CONFIG_FILE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
-
-
-def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def read_summary(run_dir: PathLike) -> dict[str, Any]:

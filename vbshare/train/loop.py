@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 import vbshare
 
+from ..adapters.aslora import write_merge_history
 from ..checkpoint import atomic_torch_save, atomic_write
 from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
+from ..records import flatten, read_jsonl
 from . import metrics as M
 
 log = logging.getLogger("vbshare.train")
@@ -579,17 +581,9 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     """The config flattened to {dotted key: value}, minus the keys a resumption may change."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif not any(prefix == k or prefix.startswith(k + ".") for k in RESUME_FREE_KEYS):
-            flat[prefix] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {key: value for key, value in flat.items()
+            if not any(key == free or key.startswith(free + ".") for free in RESUME_FREE_KEYS)}
 
 
 def check_resumable(resume_dir: Path, cfg: DictConfig) -> None:
@@ -623,7 +617,7 @@ def load_checkpoint(run: Run) -> None:
     run.train_seconds, run.logger_id = state["train_seconds"], state["logger_id"]
     metrics = run.run_dir / "metrics.jsonl"
     if metrics.is_file() and run.is_main:  # drop what the interrupted run logged after its last checkpoint
-        kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        kept = read_jsonl(metrics)
         run.history = [r for r in kept if r["step"] <= run.step]
         atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in run.history).encode())
     log.info("resumed from %s at step %d", folder, run.step)
@@ -663,18 +657,16 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
         if run.method == "vblora":  # the compact inference form, besides the trainable one in adapter/
             vbshare.save_adapter(model, run.run_dir / "adapter_topk", topk_only=True, modules=run.head_modules)
         sharing = sharing_pattern(model, run.method)
-        write_history = getattr(vbshare.adapters, "write_merge_history", None)
-        if run.method == "aslora" and write_history is not None:  # the sharing pattern (METHODS.md §3)
-            write_history(model, run.run_dir / "merge_history.jsonl")
+        if run.method == "aslora":  # the sharing pattern (METHODS.md §3)
+            write_merge_history(model, run.run_dir / "merge_history.jsonl")
         # save_adapter writes each method's stored form: SoRA pruned to plain LoRA (vbshare.prune).
         vbshare.save_adapter(model, run.run_dir / "adapter", modules=run.head_modules)
         hyper = {"targets": to_python(cfg.adapter.targets), **hyperparameters(cfg.adapter), "lr": to_python(cfg.adapter.lr)}
     elif run.mode == HEAD_ONLY:
-        from safetensors.torch import save_file
+        import safetensors.torch
 
         head_weights = {k: v.detach().cpu().contiguous() for k, v in head_state(run).items()}
-        (run.run_dir / ADAPTER).mkdir(parents=True, exist_ok=True)
-        save_file(head_weights, str(run.run_dir / ADAPTER / "head.safetensors"))
+        atomic_write(run.run_dir / ADAPTER / "head.safetensors", safetensors.torch.save(head_weights))
         trainable = head = sum(v.numel() for v in head_weights.values())
         stored_params = 0  # no adapter: the head is reported separately (METHODS.md §4)
         adapter_bytes = (run.run_dir / ADAPTER / "head.safetensors").stat().st_size
