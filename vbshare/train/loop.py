@@ -122,6 +122,11 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, world, local_rank, backend)
 
 
+def optimised_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimiser's parameters as they are now (ASLoRA's merges remove tied-away B's from the groups)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def sync_gradients(run: "Run") -> None:
     """Average the gradients of every optimised parameter over the ranks (one flat all-reduce).
 
@@ -129,7 +134,7 @@ def sync_gradients(run: "Run") -> None:
     gradient on some rank only gets the average with zeros elsewhere."""
     import torch.distributed as dist
 
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    params = optimised_parameters(run.optimizer)
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=run.device)  # (P,)
     dist.all_reduce(has)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
@@ -145,7 +150,7 @@ def sync_gradients(run: "Run") -> None:
 
 def trainable_state(run: "Run") -> Tensor:
     """Every optimised parameter, flattened in float64 (distributed agreement checks)."""
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    params = optimised_parameters(run.optimizer)
     return torch.cat([p.detach().reshape(-1).double() for p in params])
 
 
@@ -445,7 +450,7 @@ def train(run: Run) -> bool:
             sync_gradients(run)
         grad_norm = None
         if optim_cfg.grad_clip is not None:
-            params = [p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for p in optimised_parameters(run.optimizer) if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip))
         run.optimizer.step()
         run.step += 1
