@@ -1,7 +1,7 @@
 """One entry per adapter method for the shared test matrix (tests/test_matrix.py).
 
 A case gives the hyperparameters for the tiny test models and an INDEPENDENT float64 reference for a
-module's ΔW (out, in), written from METHODS.md without calling the method's own `factors()`.
+module's ΔW (out, in), written from docs/methods.md without calling the method's own `factors()`.
 Adding a method to the matrix = adding one `Case` to `CASES`.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def vblora_reference(adapter) -> torch.Tensor:
 
 
 def sora_reference(adapter) -> torch.Tensor:
-    """ΔW = (α / r_max) · Σ_i g_i · b_i a_iᵀ, summed rank-one component by component (METHODS.md §2)."""
+    """ΔW = (α / r_max) · Σ_i g_i · b_i a_iᵀ, summed rank-one component by component (docs/methods.md §2)."""
     A, B = adapter.lora_A.detach().double(), adapter.lora_B.detach().double()  # (r, in), (out, r)
     g = adapter.gate.detach().double()  # (r,)
     config = adapter.state.config

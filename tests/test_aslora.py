@@ -1,4 +1,4 @@
-"""ASLoRA (METHODS.md §3): shared A per role, B's tied adaptively — pairing, ties, optimiser surgery, resume.
+"""ASLoRA (docs/methods.md §3): shared A per role, B's tied adaptively — pairing, ties, optimiser surgery, resume.
 
 Every expectation is computed independently here (float64, from the B's and A the test set itself) rather
 than read back from the implementation.

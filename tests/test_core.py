@@ -83,7 +83,7 @@ def test_param_groups_by_role():
     by_role = {g["role"]: g for g in groups}
     assert set(by_role) == {"logits", "bank", "head"}
     assert by_role["logits"]["lr"] == 1e-2 and by_role["bank"]["lr"] == 1e-3
-    assert by_role["logits"]["weight_decay"] == 0.0 and by_role["bank"]["weight_decay"] == 0.0  # METHODS.md §1
+    assert by_role["logits"]["weight_decay"] == 0.0 and by_role["bank"]["weight_decay"] == 0.0  # docs/methods.md §1
     assert by_role["head"]["weight_decay"] == 0.1
     assert by_role["head"]["names"] == ["classifier.weight", "classifier.bias"]
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])

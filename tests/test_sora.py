@@ -132,7 +132,7 @@ def test_gate_between_xi_and_2xi_is_shrunk_not_zeroed():
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.SGD])
 def test_lr_lambda_uses_the_gate_groups_lr(optimizer_class):
-    model = vbshare.inject(tiny_bert(), "sora", targets=["query", "value"], r=3, lam=0.5)
+    model = vbshare.inject(tiny_bert(), "sora", targets=["query", "value"], r=3, lam=0.5, gate_init="ones")
     groups = vbshare.param_groups(model, lr={"A": 1e-3, "B": 1e-3, "gate": 0.2})
     assert {g["role"]: g["weight_decay"] for g in groups}["gate"] == 0.0
     optimizer = optimizer_class(groups, lr=1e-3)

@@ -203,7 +203,7 @@ def param_groups(
 
 @dataclass
 class AdapterSummary:
-    """Parameter accounting of an adapted model (METHODS.md §4).
+    """Parameter accounting of an adapted model (docs/methods.md §4).
 
     trainable: adapter parameters the optimiser updates. other_trainable: anything else trainable (a task
     head), reported apart. stored: parameters needed to rebuild the adapted model from the frozen base,
@@ -236,7 +236,7 @@ class AdapterSummary:
 def summary(model: nn.Module, topk_only: bool = True) -> AdapterSummary:
     """Trainable and stored parameters, adapter bytes and a per-module table.
 
-    topk_only: count VB-LoRA in its top-k stored form (METHODS.md §1); False counts the full logits.
+    topk_only: count VB-LoRA in its top-k stored form (docs/methods.md §1); False counts the full logits.
     """
     from .checkpoint import adapter_bytes  # local: checkpoint imports this module
 

@@ -1,4 +1,4 @@
-"""SoRA beyond the module: pruning to a plain LoRA and the sparsifying scheduler (METHODS.md §2).
+"""SoRA beyond the module: pruning to a plain LoRA and the sparsifying scheduler (docs/methods.md §2).
 
     vbshare.inject(model, "sora", targets=["query", "value"], r=8, lam=0.1)
     records = sparsify(model, train_steps, evaluate, SparsifySchedule(schedule="linear", num_stages=4, max=2.0,

@@ -1,4 +1,4 @@
-"""ASLoRA — one A shared across layers, B matrices merged adaptively during training. METHODS.md §3.
+"""ASLoRA — one A shared across layers, B matrices merged adaptively during training. docs/methods.md §3.
 
 Modules with the same role (`targets.module_role`: the path with layer indices replaced by `*`) form a
 *sharing group*. A group shares ONE A (r, in); every layer starts with its own B_i (out, r):
@@ -326,6 +326,13 @@ class ASLoRAState(AdapterState):
             chosen = self.choose_pair(group)
             if chosen is not None:
                 self.tie(chosen[0], chosen[1], optimizer, step, distance=chosen[2])
+
+    # -- what a training run records ---------------------------------------------------------------------------
+    def sharing_pattern(self) -> dict[str, Any]:
+        return {"merges": len(self.history)}
+
+    def run_records(self) -> dict[str, list[dict[str, Any]]]:
+        return {"merge_history.jsonl": [dict(h) for h in self.history]}  # the sharing pattern (docs/methods.md §3)
 
     # -- metadata --------------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

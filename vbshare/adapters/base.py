@@ -65,6 +65,9 @@ class AdapterState(nn.Module):
 
     roles: ClassVar[dict[str, str]] = {}  # local parameter name -> optimiser role, for shared tensors
     decay_free_roles: ClassVar[frozenset[str]] = frozenset()
+    # Extra adapter folders a training run writes beside `adapter/`: folder name -> keyword arguments of
+    # `vbshare.save_adapter` (VB-LoRA: {"adapter_topk": {"topk_only": True}}, its compact inference form).
+    extra_saves: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, method: str, config: AdapterConfig, targets: dict[str, tuple[int, int]]):
         super().__init__()
@@ -100,6 +103,17 @@ class AdapterState(nn.Module):
         """Called right after every `optimizer.step()`; `step` counts completed steps from 1."""
         for adapter in self._adapters.values():
             adapter.after_step(optimizer, step)
+
+    # -- what a training run records about the method (the training app calls these; no method names there) ---
+    def sharing_pattern(self) -> dict[str, Any] | None:
+        """A compact JSON-able record of what the method shares or keeps (docs/methods.md §4), written into a
+        run's summary.json (SoRA: retained rank per module; ASLoRA: number of merges). Default: None."""
+        return None
+
+    def run_records(self) -> dict[str, list[dict[str, Any]]]:
+        """JSONL files a training run writes into its directory: file name -> rows (ASLoRA:
+        {"merge_history.jsonl": one row per merge}). Default: none."""
+        return {}
 
     # -- storage ---------------------------------------------------------------------------------------------
     def saved_form(self, model: nn.Module) -> nn.Module:

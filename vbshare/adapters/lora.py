@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021) — the control every comparison needs. METHODS.md §0.
+"""LoRA (Hu et al. 2021) — the control every comparison needs. docs/methods.md §0.
 
 ΔW = s · B A with A (r, in) ~ kaiming_uniform(a=√5), B (out, r) = 0, s = α / r (or α / √r with rslora).
 `rank_pattern` / `alpha_pattern` give individual modules their own rank / α (keys: module-name suffixes),

@@ -1,4 +1,4 @@
-"""SoRA (Ding et al., EMNLP 2023) — a LoRA whose rank is gated and pruned by a proximal step. METHODS.md §2.
+"""SoRA (Ding et al., EMNLP 2023) — a LoRA whose rank is gated and pruned by a proximal step. docs/methods.md §2.
 
     Δh = s · B (g ⊙ (A x)),   A (r_max, in) ~ kaiming_uniform(a=√5),  B (out, r_max) = 0,  g (r_max),
     s = α / r_max.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,7 @@ def proximal_step_(
 class SoRAConfig(AdapterConfig):
     r: int = 8  # r_max
     alpha: float | None = None  # None -> alpha = r, so s = 1
-    gate_init: str = "ones"  # "ones" | "normal" (N(0, 1), the official code)
+    gate_init: str = "normal"  # "normal" (N(0, 1), the official code) | "ones" (every gate equal: prunes all-or-nothing)
     threshold: str = "lr_lambda"  # τ = lr·lam ("lr_lambda", the paper) | τ = lam ("constant", official code's ξ)
     lam: float = 0.1  # λ (lr_lambda) or ξ (constant); the sparsifying scheduler raises it stage by stage
     l1: float = 0.0  # optional extra loss l1 · mean|g| per module
@@ -109,6 +109,11 @@ class SoRAState(AdapterState):
     def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         gates = [a.gate for a in self._adapters.values()]
         proximal_step_(gates, optimizer, self.config.lam, self.config.threshold)
+
+    def sharing_pattern(self) -> dict[str, Any]:
+        ranks = {name: 0 for name in self.targets}
+        ranks.update({name: adapter.retained_rank for name, adapter in self._adapters.items()})
+        return {"retained_ranks": ranks}
 
     def saved_form(self, model: nn.Module) -> nn.Module:
         """A pruned copy (plain LoRA with per-module ranks); the model itself is left as it is.

@@ -1,4 +1,4 @@
-"""VB-LoRA (Li, Han, Ji, NeurIPS 2024) — every factor is mixed from ONE shared vector bank. METHODS.md §1.
+"""VB-LoRA (Li, Han, Ji, NeurIPS 2024) — every factor is mixed from ONE shared vector bank. docs/methods.md §1.
 
 Each rank-one component i is a row of A (in/b sub-vectors of length b) and a column of B (out/b
 sub-vectors). Every sub-vector u has logits σ ∈ ℝ^h over the bank 𝔅 (h, b):
@@ -46,7 +46,7 @@ class VBLoRAConfig(AdapterConfig):
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
-    """Smallest integer dtype that holds a bank index (METHODS.md §1)."""
+    """Smallest integer dtype that holds a bank index (docs/methods.md §1)."""
     if num_vectors < 2**8:
         return torch.uint8
     if num_vectors < 2**15:
@@ -114,6 +114,9 @@ class VBLoRAState(AdapterState):
       In-place edits through `.data` bypass version tracking; call `invalidate()` after them.
     * under `torch.compile` nothing is cached: each module composes its own factors inside the graph.
     """
+
+    extra_saves = {"adapter_topk": {"topk_only": True}}  # the compact inference form, beside the trainable one
+
 
     roles = {"bank": "bank"}
     decay_free_roles = frozenset({"bank"})

@@ -1,4 +1,4 @@
-"""Analysis of learned sharing patterns (METHODS.md §4) for the notebooks in notebooks/.
+"""Analysis of learned sharing patterns (docs/methods.md §4) for the notebooks in notebooks/.
 
 Functions read run directories / adapter folders and return pandas tables and matplotlib figures (built
 on `matplotlib.figure.Figure`, so no GUI backend is needed):

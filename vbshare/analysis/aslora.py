@@ -1,4 +1,4 @@
-"""ASLoRA's sharing pattern: the tie-sets of B and how they formed (METHODS.md §3, §4).
+"""ASLoRA's sharing pattern: the tie-sets of B and how they formed (docs/methods.md §3, §4).
 
 Each merge record (`merge_history.jsonl` in a run directory, or `state.history` in the adapter metadata) has
 step, group, layers = [lower set, upper set] and distance. Replaying the records of a group from its singleton

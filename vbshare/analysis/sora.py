@@ -1,4 +1,4 @@
-"""SoRA's sharing pattern: the rank each module keeps (METHODS.md §2, §4).
+"""SoRA's sharing pattern: the rank each module keeps (docs/methods.md §2, §4).
 
 Sources: the sparsifying scheduler's stage records (`vbshare.sora.sparsify(..., out=...)`, read with
 `vbshare.sora.read_records`; the demo writes them to `<run>/sora_stages.jsonl`), adapter folders along a run

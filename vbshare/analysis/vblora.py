@@ -1,4 +1,4 @@
-"""VB-LoRA's sharing pattern: which bank vectors each module's sub-vectors choose (METHODS.md §1, §4).
+"""VB-LoRA's sharing pattern: which bank vectors each module's sub-vectors choose (docs/methods.md §1, §4).
 
 Every sub-vector u of every adapted module mixes k bank vectors: u = Σ_{s ∈ TopK(σ)} w_s 𝔅_s. A *selection*
 is one (sub-vector, slot) pair with its bank index s and admixture weight w_s. The tables here are built from

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 import vbshare
 
-from ..adapters.aslora import write_merge_history
 from ..checkpoint import atomic_torch_save, atomic_write
 from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
@@ -635,18 +634,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
 
 
-def sharing_pattern(model: nn.Module, method: str) -> dict[str, Any] | None:
-    """A compact record of what the method shares / keeps (METHODS.md §4), for summary.json."""
-    state = vbshare.state_of(model)
-    if method == "sora":
-        from ..sora import retained_ranks
-
-        return {"retained_ranks": retained_ranks(model)}
-    if method == "aslora":
-        return {"merges": len(getattr(state, "history", []))}
-    return None
-
-
 def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
     """Final evaluation, adapter folders and summary.json; returns the summary."""
     cfg, model, task = run.cfg, run.model, run.task
@@ -659,11 +646,12 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
         counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
         trainable, head = counted.trainable, counted.other_trainable
         stored_params, adapter_bytes = counted.stored, counted.adapter_bytes
-        if run.method == "vblora":  # the compact inference form, besides the trainable one in adapter/
-            vbshare.save_adapter(model, run.run_dir / "adapter_topk", topk_only=True, modules=run.head_modules)
-        sharing = sharing_pattern(model, run.method)
-        if run.method == "aslora":  # the sharing pattern (METHODS.md §3)
-            write_merge_history(model, run.run_dir / "merge_history.jsonl")
+        state = vbshare.state_of(model)
+        for folder, options in state.extra_saves.items():  # e.g. VB-LoRA's top-k form in adapter_topk/
+            vbshare.save_adapter(model, run.run_dir / folder, modules=run.head_modules, **options)
+        for file_name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history.jsonl
+            atomic_write(run.run_dir / file_name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        sharing = state.sharing_pattern()
         # save_adapter writes each method's stored form: SoRA pruned to plain LoRA (vbshare.prune).
         vbshare.save_adapter(model, run.run_dir / "adapter", modules=run.head_modules)
         hyper = {"targets": to_python(cfg.adapter.targets), **hyperparameters(cfg.adapter), "lr": to_python(cfg.adapter.lr)}
@@ -673,7 +661,7 @@ def save_outputs(run: Run, wall_seconds: float) -> dict[str, Any]:
         head_weights = {k: v.detach().cpu().contiguous() for k, v in head_state(run).items()}
         atomic_write(run.run_dir / ADAPTER / "head.safetensors", safetensors.torch.save(head_weights))
         trainable = head = sum(v.numel() for v in head_weights.values())
-        stored_params = 0  # no adapter: the head is reported separately (METHODS.md §4)
+        stored_params = 0  # no adapter: the head is reported separately (docs/methods.md §4)
         adapter_bytes = (run.run_dir / ADAPTER / "head.safetensors").stat().st_size
         hyper = {"lr": to_python(cfg.adapter.lr)}
         sharing = None
