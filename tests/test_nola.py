@@ -69,8 +69,10 @@ def bases_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_defaults_follow_the_paper():
     config = NOLAConfig()
-    assert (config.num_basis_a, config.num_basis_b, config.r) == (1024, 1024, 8)
+    assert (config.num_basis_a, config.num_basis_l, config.r) == (1024, 1024, 8)
     assert config.cache_bases is True
+    model = vbshare.inject(toy(), "nola", targets=["fc"], num_basis_a=7)  # l follows k unless given
+    assert {a.coef_B.numel() for a in vbshare.adapters(model).values()} == {7}
 
 
 def test_bases_never_saved_and_rebuilt_on_load(tmp_path):

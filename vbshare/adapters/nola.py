@@ -44,7 +44,7 @@ from .base import AdapterConfig, AdapterState, LowRankAdapter
 class NOLAConfig(AdapterConfig):
     r: int = 8
     num_basis_a: int = 1024  # k: bases (and trained coefficients α) for A
-    num_basis_b: int = 1024  # l: bases (and trained coefficients β) for B
+    num_basis_b: int | None = None  # l: bases (and trained coefficients β) for B; None -> l = k
     alpha: float | None = None  # s = alpha / r; None -> alpha = r, so s = 1
     dropout: float = 0.0
     seed: int = 0  # with the module name, draws every basis
@@ -52,8 +52,7 @@ class NOLAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("num_basis_a", "num_basis_b"):
-            value = getattr(self, key)
+        for key, value in (("num_basis_a", self.num_basis_a), ("num_basis_b", self.num_basis_l)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise VBShareError(f"{key} must be a positive integer, got {value!r}")
         if self.alpha is not None and self.alpha <= 0:
@@ -62,6 +61,11 @@ class NOLAConfig(AdapterConfig):
             raise VBShareError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.cache_bases, bool):
             raise VBShareError(f"cache_bases must be true or false, got {self.cache_bases!r}")
+
+    @property
+    def num_basis_l(self) -> int:
+        """l, the number of B bases: `num_basis_b`, or k when it is None (so one knob sizes both)."""
+        return self.num_basis_a if self.num_basis_b is None else self.num_basis_b
 
     @property
     def scale(self) -> float:
@@ -118,7 +122,7 @@ class NOLA(LowRankAdapter):
 
     def __init__(self, base_layer: nn.Module, name: str, config: NOLAConfig, state: AdapterState):
         super().__init__(base_layer, name, config, state)
-        r, k, l = config.r, config.num_basis_a, config.num_basis_b
+        r, k, l = config.r, config.num_basis_a, config.num_basis_l
         device = base_layer.weight.device
         self.scale = config.scale
         self.spec_A = BasisSpec(derived_seed(config.seed, name, "A"), (k, r, self.in_features))
