@@ -222,3 +222,74 @@ def test_role_with_unequal_shapes_is_refused():
     with pytest.raises(VBShareError, match="different shapes") as err:
         vbshare.inject(model, "tied_lora", targets=["fc"])
     assert "\n" not in str(err.value)
+
+
+# -- analysis: vbshare.analysis.tied_lora on hand-built states ---------------------------------------------------
+def hand_built_vectors() -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Two layers × (fc (out 2), proj (out 3)), r = 2. u of layers.1.fc is (3, 4): norm 5, rms 5/√2."""
+    targets = {"layers.0.fc": (2, 4), "layers.0.proj": (3, 2), "layers.1.fc": (2, 4), "layers.1.proj": (3, 2)}
+    tensors = {
+        "layers.0.fc.u": torch.tensor([1.0, 1.0]), "layers.0.fc.v": torch.tensor([0.0, 2.0]),
+        "layers.1.fc.u": torch.tensor([3.0, 4.0]), "layers.1.fc.v": torch.tensor([1.0, -1.0]),
+        "layers.0.proj.u": torch.tensor([0.5, 1.5]), "layers.0.proj.v": torch.tensor([1.0, 1.0, 1.0]),
+        "layers.1.proj.u": torch.tensor([2.0, 0.0]), "layers.1.proj.v": torch.tensor([0.0, 0.0, 3.0]),
+        "vbshare.A_layers_N_fc": torch.zeros(2, 4),  # shared tensors are ignored by the vector tables
+    }
+    return tensors, targets
+
+
+def test_analysis_vector_table_hand_built():
+    from vbshare.analysis import tied_lora as TL
+
+    tensors, targets = hand_built_vectors()
+    table = TL.vector_table_from_tensors(tensors, targets, r=2)
+    assert len(table) == 8 and table["trained"].all()
+    row = table[(table.module == "layers.1.fc") & (table.vector == "u")].iloc[0]
+    assert (row["layer"], row["kind"], row["size"], row["init"]) == (1, "fc", 2, 1.0)
+    assert row.norm == pytest.approx(5.0) and row.rms == pytest.approx(5 / math.sqrt(2))
+    assert row.drift == pytest.approx(math.sqrt((4 + 9) / 2)) and (row["min"], row["max"]) == (3.0, 4.0)
+    v_row = table[(table.module == "layers.1.proj") & (table.vector == "v")].iloc[0]
+    assert v_row["size"] == 3 and v_row["mean"] == pytest.approx(1.0)
+
+    values = TL.vector_values(TL.vectors_from_tensors(tensors, targets, r=2), "proj", "u")
+    assert list(values.index) == [0, 1] and values.to_numpy().tolist() == [[0.5, 1.5], [2.0, 0.0]]
+
+
+def test_analysis_frozen_vectors_are_ones_and_zeroed_init_is_reported():
+    """train = [A, u]: v frozen (ones, absent from the tensors), u the zeroed factor (init 0)."""
+    from vbshare.analysis import tied_lora as TL
+
+    tensors, targets = hand_built_vectors()
+    only_u = {k: v for k, v in tensors.items() if k.endswith(".u")}
+    table = TL.vector_table_from_tensors(only_u, targets, r=2, train=["A", "u"])
+    frozen = table[table.vector == "v"]
+    assert not frozen["trained"].any() and (frozen["rms"] == 1.0).all() and (frozen["drift"] == 0.0).all()
+    u = table[(table.vector == "u") & (table.module == "layers.1.fc")].iloc[0]
+    assert u.init == 0.0 and u.drift == pytest.approx(5 / math.sqrt(2))
+    with pytest.raises(VBShareError, match="layers.0.fc.v"):
+        TL.vector_table_from_tensors(only_u, targets, r=2)  # says v trains, but there is no v
+    with pytest.raises(VBShareError, match="kinds present: fc, proj"):
+        TL.vector_values(TL.vectors_from_tensors(tensors, targets, r=2), "query")
+
+
+def test_analysis_reads_a_saved_adapter_and_draws(tmp_path):
+    from matplotlib.figure import Figure
+
+    from vbshare.analysis import tied_lora as TL
+
+    model = adapted(["u", "v"])
+    train(model)
+    vbshare.save_adapter(model, tmp_path / "adapter")
+    table = TL.vector_table(tmp_path)  # a run directory holding adapter/
+    layer = vbshare.adapters(model)["layers.2.proj"]
+    row = table[(table.module == "layers.2.proj") & (table.vector == "v")].iloc[0]
+    assert row.norm == pytest.approx(layer.v.detach().norm().item()) and row.init == 0.0 and row.trained
+    assert len(table) == 2 * 6
+    for fig in (TL.plot_vector_norms(table), TL.plot_vector_norms(table, stat="drift"), TL.plot_u_heatmaps(tmp_path),
+                TL.plot_vector_heatmap(TL.vector_values(tmp_path, "fc", "v"))):
+        assert isinstance(fig, Figure) and fig.axes
+        fig.savefig(tmp_path / "figure.png")
+    lora = vbshare.inject(toy(), "lora", targets=["fc"])
+    vbshare.save_adapter(lora, tmp_path / "lora")
+    with pytest.raises(VBShareError, match="not tied_lora"):
+        TL.vector_table(tmp_path / "lora")
