@@ -99,7 +99,7 @@ class TiedLoRAState(AdapterState):
 
     Attributes:
         groups: role -> its module names, in target order.
-        keys: role -> the key in the tensor names `A_<key>` / `B_<key>`.
+        group_keys: role -> the key in the tensor names `A_<key>` / `B_<key>`.
     """
 
     def __init__(self, method: str, config: TiedLoRAConfig, targets: dict[str, tuple[int, int]]):
@@ -108,7 +108,7 @@ class TiedLoRAState(AdapterState):
         self.groups: dict[str, list[str]] = {}
         for name in targets:
             self.groups.setdefault(module_role(name), []).append(name)
-        self.keys: dict[str, str] = {}
+        self.group_keys: dict[str, str] = {}
         for role, names in self.groups.items():
             shapes = sorted({tuple(targets[n]) for n in names})
             if len(shapes) > 1:
@@ -117,9 +117,9 @@ class TiedLoRAState(AdapterState):
                     f"{shapes}; target roles whose layers all have one shape"
                 )
             key = _sanitise(role)
-            if key in self.keys.values():
+            if key in self.group_keys.values():
                 raise VBShareError(f"roles {role} and another map to the same tensor key {key}; rename or exclude one")
-            self.keys[role] = key
+            self.group_keys[role] = key
             out_features, in_features = shapes[0]
             self._add("A", key, (config.r, in_features), role)  # (r, in)
             self._add("B", key, (out_features, config.r), role)  # (out, r)
@@ -139,11 +139,11 @@ class TiedLoRAState(AdapterState):
 
     def A_of(self, name: str) -> Tensor:
         """The group's A (r, in) that module `name` uses."""
-        return getattr(self, f"A_{self.keys[module_role(name)]}")
+        return getattr(self, f"A_{self.group_keys[module_role(name)]}")
 
     def B_of(self, name: str) -> Tensor:
         """The group's B (out, r) that module `name` uses."""
-        return getattr(self, f"B_{self.keys[module_role(name)]}")
+        return getattr(self, f"B_{self.group_keys[module_role(name)]}")
 
     def sharing_pattern(self) -> dict[str, Any]:
         return {"sharing_groups": len(self.groups), "trained": list(self.config.train)}
