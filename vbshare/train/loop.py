@@ -34,6 +34,7 @@ from torch import Tensor, nn
 import vbshare
 
 from ..checkpoint import atomic_torch_save, atomic_write
+from ..data.batching import collate
 from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
 from ..records import flatten, read_jsonl
@@ -356,35 +357,17 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
     return order[position * batch_size:(position + 1) * batch_size]  # (batch_size,) or (n,) when n < batch_size
 
 
-def collate(split: Encoded, indices: list[int] | Tensor, pad_id: int, device: torch.device) -> dict[str, Tensor]:
-    """Right-pad the chosen examples to the longest one: input_ids / attention_mask (B, T), labels (B,)."""
-    rows = [split.input_ids[int(i)] for i in indices]
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if split.token_type_ids is not None:
-        types = torch.zeros_like(ids)  # (B, T)
-        for b, i in enumerate(indices):
-            row = split.token_type_ids[int(i)]
-            types[b, :len(row)] = torch.tensor(row)
-        batch["token_type_ids"] = types
-    if split.labels is not None:
-        labels = [split.labels[int(i)] for i in indices]
-        batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def forward_loss(model: nn.Module, batch: dict[str, Tensor], task: Task, reduction: str = "mean") -> tuple[Tensor, Tensor]:
     """(task loss, outputs). Classification: cross-entropy (MSE for regression) on logits (B, C).
-    LM: next-token cross-entropy over the non-padded positions of logits (B, T, V)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    LM: next-token cross-entropy of logits (B, T, V) against lm_labels[:, 1:] when the batch has them
+    (instruction data: response tokens only), else against the non-padded input ids shifted by one."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "lm_labels")}
     logits = model(**inputs).logits
     if task.kind == "lm":
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
+        if "lm_labels" in batch:
+            targets = batch["lm_labels"][:, 1:]  # (B, T-1), -100 on prompt and padding
+        else:
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction=reduction)  # (B·(T-1), V)
         return loss, logits
     if task.num_labels == 1:
