@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 import vbshare
-from vbshare.checkpoint import adapter_state_dict
+from vbshare.core import adapter_state_dict
 
 from adapter_cases import CASES
 
