@@ -201,7 +201,8 @@ class LowRankAdapter(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.composed_factors()[0].shape[0]
+        with torch.no_grad():
+            return self.composed_factors()[0].shape[0]
 
     # -- derived once for every method -------------------------------------------------------------------------
     def composed_factors(self) -> tuple[Tensor, Tensor, float]:

@@ -229,6 +229,10 @@ class VBLoRA(LowRankAdapter):
         B = rearrange(mix(self.logits_B, bank, self.topk), "n r b -> (n b) r")  # (out/b, r, b) -> (out, r)
         return A, B
 
+    @property
+    def rank(self) -> int:
+        return self.logits_A.shape[0]
+
     def sub_vectors(self) -> int:
         """n_sub of this module: r·(in + out)/b."""
         return self.logits_A.shape[:2].numel() + self.logits_B.shape[:2].numel()
