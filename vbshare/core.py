@@ -43,7 +43,7 @@ def inject(
     """Replace the targeted linear layers of `model` (in place) with `method` adapters; freeze the base.
 
     Args:
-        method: a key of `vbshare.registry.METHODS` ("lora", "vblora", ...).
+        method: a key of `vbshare.METHODS` (the methods registered in `vbshare.registry`).
         targets: module-name suffixes, a regex matched against full names, or "all-linear".
         exclude: the same forms, removed from the match.
         layers: keep only modules whose first numeric path component is one of these layer indices.
