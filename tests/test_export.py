@@ -138,3 +138,20 @@ def test_files_get_the_mode_open_would_give(tmp_path, umask, mask):
     if mask == 0o022:  # colleagues (group and others) can read every result
         assert all(int(mode, 8) & 0o044 == 0o044 for mode in modes.values())
     assert not [p for p in (tmp_path / "written").rglob("*.tmp")]
+
+
+def test_a_method_peft_lacks_exports_as_plain_lora_by_default(tmp_path):
+    torch.manual_seed(0)
+    model = vbshare.inject(TwoLinear(), "aslora", targets=["lin0", "lin1"], r=2)
+    with torch.no_grad():
+        for name, param in model.vbshare.named_parameters():
+            param.normal_()  # B starts at zero: give the adapter an effect
+    vbshare.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(TwoLinear(), tmp_path).eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(vbshare.VBShareError, match="a plain-LoRA export has no top-k form; drop topk_only=True"):
+        vbshare.export_peft(model, tmp_path / "topk", topk_only=True)

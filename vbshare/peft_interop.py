@@ -83,7 +83,7 @@ _LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 def _export_plain_lora(model: nn.Module, topk_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Every module's (A, B, s) from `composed_factors()` as a PEFT LoRA (s = alpha / r, pinned per module)."""
     if topk_only:
-        raise VBShareError("a plain-LoRA export has no top-k form; drop topk_only=True (or as_lora=True for VB-LoRA)")
+        raise VBShareError("a plain-LoRA export has no top-k form; drop topk_only=True")
     ranks, alphas, tensors = {}, {}, {}
     for name, adapter in adapters(model).items():
         A, B, scale = adapter.composed_factors()  # (r, in), (out, r)
