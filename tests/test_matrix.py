@@ -212,7 +212,9 @@ def test_summary_counts_stored_trainable_and_bytes(trained, tmp_path):
     method, _, model = trained
     state = vbshare.state_of(model)
     counted = vbshare.summary(model)
-    assert counted.stored == pytest.approx(CASES[method].stored_reference(model), abs=1e-9)
+    reference = CASES[method].stored_reference
+    assert reference is not None, f"give the {method} Case a stored_reference: its stored-parameter formula"
+    assert counted.stored == pytest.approx(reference(model), abs=1e-9)
     assert counted.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counted.other_trainable == 0
     assert [row["module"] for row in counted.rows if row["module"] != "(shared)"] == list(vbshare.adapters(model))
