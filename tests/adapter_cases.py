@@ -1,7 +1,8 @@
 """One entry per adapter method for the shared test matrix (tests/test_matrix.py).
 
-A case gives the hyperparameters for the tiny test models and an INDEPENDENT float64 reference for a
-module's ΔW (out, in), written from docs/methods.md without calling the method's own `factors()`.
+A case gives the hyperparameters for the tiny test models, an INDEPENDENT float64 reference for a module's
+ΔW (out, in), written from docs/methods.md without calling the method's own `factors()`, and the method's
+stored-parameter formula (docs/methods.md §4/§9) computed from the targets' shapes and the config.
 Adding a method to the matrix = adding one `Case` to `CASES`.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Case:
     method: str
     hyperparameters: dict = field(default_factory=dict)
     reference_delta: Callable[[torch.nn.Module], torch.Tensor] | None = None  # adapter -> ΔW (out, in), float64
+    stored_reference: Callable[[torch.nn.Module], float] | None = None  # adapted model -> stored parameters
 
 
 def lora_reference(adapter) -> torch.Tensor:
@@ -127,15 +129,76 @@ def nola_reference(adapter) -> torch.Tensor:
     return (config.alpha / config.r) * B @ A
 
 
+def lora_stored(model) -> float:
+    """Σ r·(in + out) over the targets."""
+    state = model.vbshare
+    return sum(state.config.r * (out + inp) for out, inp in state.targets.values())
+
+
+def vblora_stored(model) -> float:
+    """h·b + n_sub·(k−1) + n_sub·k·f, n_sub = Σ r·(in + out)/b, f = 1/4 for uint8 indices (h < 256)."""
+    config = model.vbshare.config
+    h, b, k, r = config.num_vectors, config.vector_length, config.topk, config.r
+    assert h < 256, "this formula's index width assumes uint8 indices"
+    n_sub = sum(r * (out + inp) // b for out, inp in model.vbshare.targets.values())
+    return h * b + n_sub * (k - 1) + n_sub * k * 0.25
+
+
+def aslora_stored(model) -> float:
+    """One A (r, in) per role plus one B (out, r) per distinct tie-set, read from the saved metadata."""
+    state = model.vbshare
+    r, meta = state.config.r, state.metadata()
+    total = 0
+    for role, names in meta["groups"].items():
+        out, inp = state.targets[names[0]]
+        total += r * inp + len(meta["ties"][role]) * out * r
+    return total
+
+
+def sora_stored(model) -> float:
+    """Σ r_kept·(in + out), r_kept = the module's non-zero gates (what pruning keeps)."""
+    state = model.vbshare
+    total = 0
+    for name, module in model.named_modules():
+        if name in state.targets and hasattr(module, "gate"):
+            out, inp = state.targets[name]
+            total += int(torch.count_nonzero(module.gate.detach())) * (out + inp)
+    return total
+
+
+def tied_lora_stored(model) -> float:
+    """Per role r·in (trained A) + out·r (trained B); per layer r (trained u) + out (trained v)."""
+    state = model.vbshare
+    r, trained = state.config.r, set(state.config.train)
+    roles: dict[str, tuple[int, int]] = {}
+    total = 0
+    for name, (out, inp) in state.targets.items():
+        roles[re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)] = (out, inp)
+        total += r * ("u" in trained) + out * ("v" in trained)
+    for out, inp in roles.values():
+        total += r * inp * ("A" in trained) + out * r * ("B" in trained)
+    return total
+
+
+def nola_stored(model) -> float:
+    """k + l coefficients per module, whatever its shape and r."""
+    config = model.vbshare.config
+    k = config.num_basis_a
+    l = config.num_basis_b if config.num_basis_b is not None else k
+    return len(model.vbshare.targets) * (k + l)
+
+
 CASES: dict[str, Case] = {
-    "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference),
-    "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference),
+    "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference, lora_stored),
+    "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference,
+                   vblora_stored),
     # merge_start=1, merge_every=1: every group of 2 layers ties its pair at step 1, so each check sees ties
-    "aslora": Case("aslora", {"r": 4, "alpha": 8, "merge_start": 1, "merge_every": 1}, aslora_reference),
+    "aslora": Case("aslora", {"r": 4, "alpha": 8, "merge_start": 1, "merge_every": 1}, aslora_reference,
+                   aslora_stored),
     # lam small: τ = lr·λ = 1e-4 per step, so 3 steps at lr 1e-2 train the adapter without pruning it away
-    "sora": Case("sora", {"r": 4, "alpha": 8, "lam": 0.01}, sora_reference),
+    "sora": Case("sora", {"r": 4, "alpha": 8, "lam": 0.01}, sora_reference, sora_stored),
     # every factor trained (the default): B starts at 0, so training steps are what make ΔW non-zero
-    "tied_lora": Case("tied_lora", {"r": 4, "alpha": 8}, tied_lora_reference),
+    "tied_lora": Case("tied_lora", {"r": 4, "alpha": 8}, tied_lora_reference, tied_lora_stored),
     # k != l so a swap of the two coefficient vectors or basis sets cannot go unnoticed
-    "nola": Case("nola", {"r": 4, "alpha": 8, "num_basis_a": 16, "num_basis_b": 12}, nola_reference),
+    "nola": Case("nola", {"r": 4, "alpha": 8, "num_basis_a": 16, "num_basis_b": 12}, nola_reference, nola_stored),
 }

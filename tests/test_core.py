@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 import vbshare
+import vbshare.registry as registry_module
 from vbshare import VBShareError
+from vbshare.adapters.base import AdapterConfig, LowRankAdapter
+from vbshare.registry import METHODS, register
 from vbshare.targets import find_targets, layer_index, module_role
 
 
@@ -232,3 +236,66 @@ def test_double_injection_is_refused():
     model = vbshare.inject(tiny_bert(), "lora", targets=["query"])
     with pytest.raises(VBShareError, match="already has lora adapters"):
         vbshare.inject(model, "vblora", targets=["value"])
+
+
+# -- the registry ------------------------------------------------------------------------------------------------
+@dataclass
+class FixedConfig(AdapterConfig):
+    r: int = 2
+
+
+class Fixed(LowRankAdapter):
+    """A method from outside the package: one trainable B on a fixed A of ones (ΔW = B·1)."""
+
+    config_class = FixedConfig
+    roles = {"B": "B"}
+
+    def __init__(self, base_layer, name, config, state):
+        super().__init__(base_layer, name, config, state)
+        self.register_buffer("A", torch.ones(config.r, self.in_features), persistent=False)  # (r, in)
+        self.B = nn.Parameter(torch.full((self.out_features, config.r), 0.5))  # (out, r)
+
+    def factors(self):
+        return self.A, self.B, 1.0
+
+
+@dataclass(kw_only=True)
+class NoDefaultsConfig(AdapterConfig):
+    size: int
+
+
+class NoDefaults(Fixed):
+    config_class = NoDefaultsConfig
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """METHODS restored after the test, so a method registered here does not leak into the matrix."""
+    monkeypatch.setattr(registry_module, "METHODS", dict(METHODS))
+    return registry_module
+
+
+def test_a_method_from_outside_the_package_registers_and_runs(registry):
+    vbshare.register_method("fixed", Fixed)
+    assert registry.METHODS["fixed"] is Fixed
+    model = vbshare.inject(Pair(), "fixed", targets=["up"])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        base = model.up.base_layer(x)
+        torch.testing.assert_close(model.up(x), base + x.sum(-1, keepdim=True) * 2 * 0.5)  # ΔW x = B·(A x)
+    assert vbshare.summary(model).stored == 32 * 2
+    assert [g["role"] for g in vbshare.param_groups(model, lr=1e-3)] == ["B"]
+
+
+@pytest.mark.parametrize("name,cls,message", [
+    ("Fixed", Fixed, r"method name 'Fixed' must be a lowercase identifier"),
+    ("lora", Fixed, r"method name 'lora' is already taken by LoRA; choose another name"),
+    ("plain", nn.Linear, r"is not a subclass of vbshare.LowRankAdapter"),
+    ("nofactors", type("NoFactors", (LowRankAdapter,), {}), r"must implement factors\(\)"),
+    ("nodefaults", NoDefaults, r"must build from defaults alone"),
+])
+def test_registration_checks_the_contract(registry, name, cls, message):
+    with pytest.raises(VBShareError, match=message) as info:
+        register(name, cls)
+    assert "\n" not in str(info.value)
+    assert name not in registry.METHODS or registry.METHODS[name] is not cls

@@ -1,13 +1,17 @@
-"""The shared adapter test matrix: every method (tests/adapter_cases.py) through the same checks,
+"""The shared adapter test matrix: every registered method (tests/adapter_cases.py) through the same checks,
 on a tiny BERT (nn.Linear targets) and a tiny GPT-2 (transformers Conv1D targets)."""
 from __future__ import annotations
 
+import json
+
+import peft  # the reference for the plain-LoRA export (dev extra); missing must fail, not skip
 import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 import vbshare
-from vbshare.checkpoint import adapter_state_dict
+from vbshare.core import adapter_state_dict
+from vbshare.registry import METHODS
 
 from adapter_cases import CASES
 
@@ -164,3 +168,71 @@ def test_output_matches_float64_reference(trained):
         expected = base + x.double() @ reference(adapter).T
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(adapter.delta_weight().double(), reference(adapter), atol=1e-6, rtol=1e-5)
+
+
+def test_every_registered_method_has_a_case():
+    assert set(CASES) == set(METHODS), "every method in vbshare.registry.METHODS needs a Case in tests/adapter_cases.py"
+
+
+def test_factors_are_fp32_under_bf16_autocast(trained):
+    """The contract composes every method's factors with autocast off: fp32 factors (within fp32 rounding of the
+    float64 reference, which a bf16 composition misses by ~1e-3), and outputs within bf16 rounding of it."""
+    method, _, model = trained
+    reference = CASES[method].reference_delta
+    layers = vbshare.adapters(model)
+    during_pass = {}
+
+    def capture(module, args):  # what the module reads inside the root model's forward (a shared composition)
+        during_pass[module.name] = module.composed_factors()
+
+    handles = [a.register_forward_pre_hook(capture) for a in layers.values()]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, inputs())
+        for handle in handles:
+            handle.remove()
+        x_gen = torch.Generator().manual_seed(5)
+        for name, adapter in layers.items():
+            expected_delta = reference(adapter)  # (out, in), float64
+            for A, B, scale in (during_pass[name], adapter.composed_factors()):
+                assert A.dtype == B.dtype == torch.float32, name
+                torch.testing.assert_close((B.double() @ A.double()) * scale, expected_delta, atol=1e-6, rtol=1e-5,
+                                           msg=lambda m: f"{name}: {m}")
+            x = torch.randn(3, adapter.in_features, generator=x_gen)
+            y = adapter(x)
+            assert y.dtype == torch.bfloat16  # the products with x do follow autocast
+            expected = adapter.base_layer.weight.double()
+            expected = x.double() @ (expected if adapter.fan_in_fan_out else expected.T) + adapter.base_layer.bias.double()
+            expected = expected + x.double() @ expected_delta.T
+            scale = expected.abs().max()
+            torch.testing.assert_close(y.double() / scale, expected / scale, atol=2e-2, rtol=0,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def test_summary_counts_stored_trainable_and_bytes(trained, tmp_path):
+    method, _, model = trained
+    state = vbshare.state_of(model)
+    counted = vbshare.summary(model)
+    reference = CASES[method].stored_reference
+    assert reference is not None, f"give the {method} Case a stored_reference: its stored-parameter formula"
+    assert counted.stored == pytest.approx(reference(model), abs=1e-9)
+    assert counted.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counted.other_trainable == 0
+    assert [row["module"] for row in counted.rows if row["module"] != "(shared)"] == list(vbshare.adapters(model))
+    assert counted.stored == pytest.approx(sum(row["stored"] for row in counted.rows))
+    # adapter bytes: the tensor bytes of the file save_adapter writes (after its 8-byte length and JSON header)
+    vbshare.save_adapter(model, tmp_path, topk_only=state.topk_form)
+    blob = (tmp_path / "adapter_model.safetensors").read_bytes()
+    assert counted.adapter_bytes == len(blob) - 8 - int.from_bytes(blob[:8], "little")
+
+
+def test_exports_as_a_plain_lora_that_peft_loads(trained, tmp_path):
+    method, kind, model = trained
+    vbshare.export_peft(model, tmp_path, as_lora=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    theirs = peft.PeftModel.from_pretrained(build_base(kind), tmp_path).eval()
+    x = inputs()
+    with torch.no_grad():
+        expected = run(model, x)
+        assert (expected - run(build_base(kind), x)).abs().max() > 1e-4  # the adapter changes the outputs
+        torch.testing.assert_close(run(theirs, x), expected, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from vbshare.adapters import METHODS
+from vbshare.registry import METHODS
 from vbshare.train import CONFIG_DIR, run_training
 from vbshare.train.loop import batch_indices, lr_factor
 

@@ -4,23 +4,28 @@ The JSON names the method, its hyperparameters, the targets with their base shap
 loading model must match), the method's own metadata (e.g. ASLoRA tie-sets) and the SHA-256 of the
 weights file. Every file is written to a temporary name and renamed into place, the JSON last, so a crash
 leaves either the old checkpoint or the new one; a weights file that does not match its JSON is refused.
+Modules trained beside the adapter (a task head) go into `modules.safetensors` in the same folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import safetensors.torch
-import torch
 from torch import Tensor, nn
 
-from .core import STATE_ATTR, adapters, get_method, inject, state_of
+from .adapters.base import adapters, state_of
+from .core import freeze_adapter, head_modules, inject, load_adapter_tensors, module_tensors, stored_tensors
 from .errors import VBShareError
+from .files import atomic_torch_save, atomic_write
+from .registry import get_method
 from .targets import linear_shape
+
+__all__ = ["CONFIG_FILE", "MODULES_FILE", "WEIGHTS_FILE", "atomic_torch_save", "atomic_write", "fingerprint",
+           "load_adapter", "read_adapter_config", "save_adapter", "serialise"]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -29,66 +34,22 @@ FORMAT = "vbshare-adapter"
 FORMAT_VERSION = 1
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` with the same temporary-file-and-rename guarantee."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's adapter tensors only (parameters and persistent buffers), base layers left out."""
-    return {k: v for k, v in model.state_dict().items() if _is_adapter_key(k, model)}
-
-
-def _is_adapter_key(key: str, model: nn.Module) -> bool:
-    if ".base_layer." in key or key.startswith("base_layer."):
-        return False
-    if key.startswith(STATE_ATTR + "."):
-        return True
-    return any(key.startswith(name + ".") for name in adapters(model))
-
-
 def fingerprint(shapes: dict[str, Sequence[int]]) -> str:
     """SHA-256 of the targeted modules' names and (out, in) shapes."""
     canonical = json.dumps({k: list(v) for k, v in sorted(shapes.items())}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _serialise(tensors: dict[str, Tensor]) -> bytes:
+def serialise(tensors: dict[str, Tensor]) -> bytes:
+    """The safetensors bytes of `tensors` (detached, contiguous, on the CPU)."""
     return safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-
-
-def adapter_bytes(model: nn.Module, topk_only: bool = False) -> int:
-    """Size in bytes of the adapter weights file `save_adapter` would write."""
-    model = state_of(model).saved_form(model)
-    state = state_of(model)
-    return len(_serialise(state.pack(adapter_state_dict(model), topk_only=topk_only)))
 
 
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
     topk_only: bool = False,
-    modules: Sequence[str] = (),
+    modules: Sequence[str] | None = None,
     stored_form: bool = True,
 ) -> Path:
     """Save the adapter (weights only) and its JSON description into `directory`.
@@ -96,15 +57,18 @@ def save_adapter(
     Args:
         topk_only: VB-LoRA's compact inference form (indices + k−1 weights per sub-vector); it cannot be
             trained further.
-        modules: names of extra trainable modules (e.g. a classifier head) to save in `modules.safetensors`.
+        modules: names of modules to save beside the adapter in `modules.safetensors` (a classifier head);
+            None (default) saves every module that trains outside the adapter (`vbshare.core.head_modules`),
+            [] saves none.
         stored_form: write the method's stored form (`AdapterState.saved_form`: SoRA saves its pruned LoRA);
             False writes the training form, from which training resumes exactly (SoRA keeps its gates).
     """
+    modules = head_modules(model) if modules is None else list(modules)
     if stored_form:
         model = state_of(model).saved_form(model)
     state = state_of(model)
     directory = Path(directory)
-    weights = _serialise(state.pack(adapter_state_dict(model), topk_only=topk_only))
+    weights = serialise(stored_tensors(model, topk_only=topk_only, stored_form=False))
     described: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -119,14 +83,7 @@ def save_adapter(
     }
     atomic_write(directory / WEIGHTS_FILE, weights)
     if modules:
-        extra = {}
-        for name in modules:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise VBShareError(f"cannot save module {name!r}: the model has no such submodule") from None
-            extra.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        blob = _serialise(extra)
+        blob = serialise(module_tensors(model, modules))
         atomic_write(directory / MODULES_FILE, blob)
         described["files"][MODULES_FILE] = hashlib.sha256(blob).hexdigest()
         described["modules"] = list(modules)
@@ -197,26 +154,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         freeze_adapter(model)
     if described.get("modules"):
         model.load_state_dict(_read_checked(directory, MODULES_FILE, described), strict=False)
+        state.head_modules = list(described["modules"])
     return model
-
-
-def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Load adapter tensors (model state_dict keys) after checking they are exactly the adapter's."""
-    expected = set(adapter_state_dict(model))
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise VBShareError(
-            f"{source} does not fit this model's adapters (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); check it was saved from the same method and targets"
-        )
-    model.load_state_dict(tensors, strict=False)
-
-
-def freeze_adapter(model: nn.Module) -> None:
-    """Stop gradients to every adapter tensor (a lossy top-k load serves inference only)."""
-    for key, param in model.named_parameters():
-        if _is_adapter_key(key, model):
-            param.requires_grad_(False)
 
 
 def _check_base_shapes(modules: dict[str, nn.Module], saved_shapes: dict[str, tuple[int, ...]]) -> None:

@@ -1,41 +1,21 @@
-"""Model-level operations: inject adapters, merge, disable, run hooks, build optimiser groups, summarise.
+"""Model-level operations: inject adapters, merge, disable, run hooks, build optimiser groups, and name the
+tensors an adapter consists of (in training form and in its stored form).
 
 Everything here works through `model.vbshare` (the method's `AdapterState`) and the `LowRankAdapter`
-modules that `inject` puts in place of the targeted layers.
+modules that `inject` puts in place of the targeted layers; methods are found in `vbshare.registry`.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import METHODS, AdapterState, LowRankAdapter
+from .adapters.base import STATE_ATTR, AdapterState, LowRankAdapter, adapters, state_of
 from .errors import VBShareError
+from .registry import get_method
 from .targets import find_targets, linear_shape
-
-STATE_ATTR = "vbshare"
-
-
-def get_method(method: str) -> type[LowRankAdapter]:
-    if method not in METHODS:
-        raise VBShareError(f"unknown adapter method {method!r}; known methods are: {', '.join(sorted(METHODS))}")
-    return METHODS[method]
-
-
-def state_of(model: nn.Module, required: bool = True) -> AdapterState | None:
-    """The model's `AdapterState`, or None / an error when nothing was injected."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None and required:
-        raise VBShareError("this model has no vbshare adapters; call vbshare.inject(model, method, targets=...) first")
-    return state
-
-
-def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
-    """Adapted module name -> its `LowRankAdapter`, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankAdapter)}
 
 
 def _begin_forward(module: nn.Module, args: Any) -> None:
@@ -63,7 +43,7 @@ def inject(
     """Replace the targeted linear layers of `model` (in place) with `method` adapters; freeze the base.
 
     Args:
-        method: a key of `vbshare.adapters.METHODS` ("lora", "vblora", ...).
+        method: a key of `vbshare.METHODS` (the methods registered in `vbshare.registry`).
         targets: module-name suffixes, a regex matched against full names, or "all-linear".
         exclude: the same forms, removed from the match.
         layers: keep only modules whose first numeric path component is one of these layer indices.
@@ -201,69 +181,75 @@ def param_groups(
     return groups
 
 
-@dataclass
-class AdapterSummary:
-    """Parameter accounting of an adapted model (docs/methods.md §4).
+# -- the tensors an adapter consists of ------------------------------------------------------------------------
+def _is_adapter_key(key: str, names: Iterable[str]) -> bool:
+    if ".base_layer." in key or key.startswith("base_layer."):
+        return False
+    return key.startswith(STATE_ATTR + ".") or any(key.startswith(name + ".") for name in names)
 
-    trainable: adapter parameters the optimiser updates. other_trainable: anything else trainable (a task
-    head), reported apart. stored: parameters needed to rebuild the adapted model from the frozen base,
-    shared tensors once, in the method's compact stored form (VB-LoRA: top-k). adapter_bytes: size of that
-    adapter-only checkpoint on disk.
-    """
 
-    method: str
-    trainable: int
-    other_trainable: int
-    stored: float
-    adapter_bytes: int
-    rows: list[dict[str, Any]] = field(default_factory=list)
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's adapter tensors only (parameters and persistent buffers), base layers left out."""
+    names = list(adapters(model))
+    return {k: v for k, v in model.state_dict().items() if _is_adapter_key(k, names)}
 
-    def __str__(self) -> str:
-        header = f"{'module':<56} {'shape (out, in)':>16} {'rank':>5} {'trainable':>11} {'stored':>12}"
-        lines = [header, "-" * len(header)]
-        for row in self.rows:
-            shape = "" if row["shape"] is None else f"({row['shape'][0]}, {row['shape'][1]})"
-            rank = "" if row["rank"] is None else str(row["rank"])
-            lines.append(f"{row['module']:<56} {shape:>16} {rank:>5} {row['trainable']:>11,} {row['stored']:>12,.2f}")
-        lines.append("-" * len(header))
-        lines.append(
-            f"{self.method}: trainable {self.trainable:,} | stored {self.stored:,.2f} | "
-            f"adapter bytes {self.adapter_bytes:,} | other trainable (head) {self.other_trainable:,}"
+
+def stored_tensors(model: nn.Module, topk_only: bool = False, stored_form: bool = True) -> dict[str, Tensor]:
+    """The tensors an adapter file holds: the method's stored form (`AdapterState.saved_form`, e.g. SoRA pruned
+    to a LoRA) packed by its state (`topk_only`: VB-LoRA's top-k form). Keys are model state_dict keys."""
+    if stored_form:
+        model = state_of(model).saved_form(model)
+    return state_of(model).pack(adapter_state_dict(model), topk_only=topk_only)
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Load adapter tensors (model state_dict keys) after checking they are exactly the adapter's."""
+    expected = set(adapter_state_dict(model))
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise VBShareError(
+            f"{source} does not fit this model's adapters (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); check it was saved from the same method and targets"
         )
-        return "\n".join(lines)
+    model.load_state_dict(tensors, strict=False)
 
 
-def summary(model: nn.Module, topk_only: bool = True) -> AdapterSummary:
-    """Trainable and stored parameters, adapter bytes and a per-module table.
+def freeze_adapter(model: nn.Module) -> None:
+    """Stop gradients to every adapter tensor (a lossy top-k load serves inference only)."""
+    names = list(adapters(model))
+    for key, param in model.named_parameters():
+        if _is_adapter_key(key, names):
+            param.requires_grad_(False)
 
-    topk_only: count VB-LoRA in its top-k stored form (docs/methods.md §1); False counts the full logits.
+
+def module_tensors(model: nn.Module, modules: Sequence[str]) -> dict[str, Tensor]:
+    """Every tensor of the named submodules, under their model state_dict keys; a one-line error for a bad name."""
+    tensors: dict[str, Tensor] = {}
+    for name in modules:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise VBShareError(f"cannot save module {name!r}: the model has no such submodule") from None
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return tensors
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Modules a saved adapter must carry beside its own tensors to reproduce the model (a task head).
+
+    Those owning trainable parameters outside the adapters, plus those loaded with the adapter
+    (`AdapterState.head_modules`), in model order; a module inside another listed one is left out. A trainable
+    parameter directly on the root model cannot be saved that way and raises.
     """
-    from .checkpoint import adapter_bytes  # local: checkpoint imports this module
-
-    state = state_of(model)
-    compact = topk_only and state.method == "vblora"
-    roles = parameter_roles(model)
-    named = dict(model.named_parameters())
-    rows = []
-    shared = state.stored_parameters(topk_only)
-    shared_trainable = sum(p.numel() for p in state.parameters() if p.requires_grad)
-    if shared:
-        rows.append({"module": "(shared)", "shape": None, "rank": None, "trainable": shared_trainable,
-                     "stored": float(shared)})
-    for name, adapter in adapters(model).items():
-        own = [p for n, p in adapter.named_parameters() if not n.startswith("base_layer.")]
-        rows.append({
-            "module": name,
-            "shape": (adapter.out_features, adapter.in_features),
-            "rank": adapter.rank,
-            "trainable": sum(p.numel() for p in own if p.requires_grad),
-            "stored": float(adapter.stored_parameters(topk_only)),
-        })
-    return AdapterSummary(
-        method=state.method,
-        trainable=sum(named[n].numel() for n, r in roles.items() if r != "head"),
-        other_trainable=sum(named[n].numel() for n, r in roles.items() if r == "head"),
-        stored=sum(row["stored"] for row in rows),
-        adapter_bytes=adapter_bytes(model, topk_only=compact),
-        rows=rows,
-    )
+    owners = set(state_of(model).head_modules)
+    for name, role in parameter_roles(model).items():
+        if role == "head":
+            owner = name.rpartition(".")[0]
+            if not owner:
+                raise VBShareError(
+                    f"trainable parameter {name!r} sits on the model itself, not in a submodule; freeze it or pass "
+                    "modules=[...] naming the modules to save"
+                )
+            owners.add(owner)
+    ordered = [name for name, _ in model.named_modules() if name in owners]
+    return [n for n in ordered if not any(n.startswith(outer + ".") for outer in ordered)]

@@ -1,4 +1,4 @@
-"""Read and write Hugging Face PEFT adapter folders (LoRA and VB-LoRA) without importing PEFT.
+"""Read and write Hugging Face PEFT adapter folders without importing PEFT.
 
 A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors` whose keys are the model's
 module names prefixed by `base_model.model.`:
@@ -6,31 +6,50 @@ module names prefixed by `base_model.model.`:
     VB-LoRA: <name>.vblora_logits_A (r, in/b, h), <name>.vblora_logits_B (out/b, r, h),
              base_model.vblora_vector_bank (h, b); the top-k form replaces each logits tensor by
              `<key>_topk_indices` and `<key>_topk_weights`, exactly like vbshare's own top-k form.
+    Modules trained beside the adapter (`modules_to_save`, a task head): <name>.<tensor> as in the model.
+
+Export writes a method in PEFT's own type where PEFT has one (`PEFT_TYPES`, the one table here that maps vbshare
+methods onto PEFT's), and any method as a plain LoRA (`as_lora=True`, and always for a method PEFT lacks): every
+module's A (r, in), B (out, r) and scale s straight from the contract's `factors()`, with per-module ranks in
+`rank_pattern` and each module's s pinned by `alpha_pattern` (PEFT's scale is alpha / r). Such a folder serves
+any adapter from LoRA-only stacks (PEFT, vLLM, TGI multi-LoRA) with the same outputs.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
-from .checkpoint import adapter_state_dict, atomic_write, freeze_adapter, load_adapter_tensors
-from .core import STATE_ATTR, adapters, inject, state_of
+from .adapters.base import STATE_ATTR, adapters, state_of
+from .checkpoint import serialise
+from .core import freeze_adapter, head_modules, inject, load_adapter_tensors, module_tensors, stored_tensors
 from .errors import VBShareError
+from .files import atomic_write
 
 PEFT_PREFIX = "base_model.model."
 PEFT_BANK = "base_model.vblora_vector_bank"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# our tensor name suffix -> PEFT's, per method
-_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-_VBLORA_KEYS = {"logits_A": "vblora_logits_A", "logits_B": "vblora_logits_B"}
+ExportFn = Callable[[nn.Module, bool], tuple[dict[str, Any], dict[str, Tensor]]]
+ImportFn = Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], nn.Module]
+
+
+@dataclass(frozen=True)
+class PeftType:
+    """One PEFT adapter type: `export(model, topk_only)` -> (its config keys, tensors under PEFT's keys);
+    `load(base, config, tensors)` injects and loads it into a plain base model (tensors: PEFT keys, head left out)."""
+
+    peft_type: str
+    export: ExportFn
+    load: ImportFn
 
 
 def _rename(key: str, table: dict[str, str]) -> str:
@@ -42,64 +61,10 @@ def _rename(key: str, table: dict[str, str]) -> str:
     raise VBShareError(f"tensor {key} has no PEFT counterpart")
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool = False,
-                base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapter as a PEFT folder that `peft.PeftModel.from_pretrained(base, dir)` loads.
-
-    LoRA (including per-module ranks from `rank_pattern`) and VB-LoRA (full or `topk_only`) are supported,
-    and SoRA through its stored form (the pruned LoRA).
-    """
-    model = state_of(model).saved_form(model)
-    state = state_of(model)
-    layers = adapters(model)
-    fan_in_fan_out = any(a.fan_in_fan_out for a in layers.values())
-    tensors = state.pack(adapter_state_dict(model), topk_only=topk_only)
-    common = {
-        "base_model_name_or_path": base_model_name_or_path,
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "inference_mode": True,
-        "task_type": None,
-        "modules_to_save": None,
-    }
-    if state.method == "lora":
-        cfg = state.config
-        ranks = {name: a.lora_A.shape[0] for name, a in layers.items()}
-        top_rank = max(ranks.values())
-        config = {
-            "peft_type": "LORA", **common, "r": top_rank,
-            "lora_alpha": cfg.alpha if cfg.alpha is not None else cfg.r,
-            "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout,
-            "rank_pattern": {name: r for name, r in ranks.items() if r != top_rank},
-            # PEFT derives s from alpha and the module's rank: pin alpha per module so s is preserved exactly
-            "alpha_pattern": {name: _alpha_for_scale(a.scale, ranks[name], cfg.rslora) for name, a in layers.items()},
-        }
-        renamed = {_rename(k, _LORA_KEYS): v for k, v in tensors.items()}
-    elif state.method == "vblora":
-        cfg = state.config
-        if cfg.scale != 1.0:
-            raise VBShareError(f"PEFT's VB-LoRA has no scale; only adapters with scale=1.0 export (this one has {cfg.scale})")
-        config = {
-            "peft_type": "VBLORA", **common, "r": cfg.r, "num_vectors": cfg.num_vectors,
-            "vector_length": cfg.vector_length, "topk": cfg.topk, "vblora_dropout": cfg.dropout,
-            "save_only_topk_weights": topk_only, "init_logits_std": cfg.init_logits_std,
-            "init_vector_bank_bound": cfg.init_bank_bound,
-        }
-        renamed = {PEFT_BANK if k == f"{STATE_ATTR}.bank" else _rename(k, _VBLORA_KEYS): v for k, v in tensors.items()}
-    else:
-        raise VBShareError(
-            f"PEFT has no {state.method} adapter with the same maths; export covers lora, vblora and sora (as LoRA)"
-        )
-    directory = Path(directory)
-    atomic_write(directory / WEIGHTS_FILE,
-                 safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in renamed.items()}))
-    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
-    return directory
-
-
-def _alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
-    return scale * (math.sqrt(rank) if rslora else rank)
+def _strip(key: str) -> str:
+    if not key.startswith(PEFT_PREFIX):
+        raise VBShareError(f"unexpected tensor {key} in the PEFT adapter (expected the {PEFT_PREFIX} prefix)")
+    return key[len(PEFT_PREFIX):]
 
 
 def _peft_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -110,28 +75,30 @@ def _peft_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Inject and load a PEFT LoRA or VB-LoRA adapter folder into a plain base model (in place)."""
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
-    except FileNotFoundError as err:
-        raise VBShareError(f"{err.filename} does not exist; point at a PEFT adapter folder") from None
-    except Exception as err:
-        raise VBShareError(f"{directory} is not a readable PEFT adapter folder ({err})") from None
-    peft_type = config.get("peft_type")
-    if peft_type == "LORA":
-        return _import_lora(model, config, tensors)
-    if peft_type == "VBLORA":
-        return _import_vblora(model, config, tensors)
-    raise VBShareError(f"PEFT adapter type {peft_type!r} is not supported; vbshare imports LORA and VBLORA")
+# -- LoRA: every method's plain form ---------------------------------------------------------------------------
+_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
 
-def _strip(key: str) -> str:
-    if not key.startswith(PEFT_PREFIX):
-        raise VBShareError(f"unexpected tensor {key} in the PEFT adapter (expected the {PEFT_PREFIX} prefix)")
-    return key[len(PEFT_PREFIX):]
+@torch.no_grad()
+def _export_plain_lora(model: nn.Module, topk_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Every module's (A, B, s) from `composed_factors()` as a PEFT LoRA (s = alpha / r, pinned per module)."""
+    if topk_only:
+        raise VBShareError("a plain-LoRA export has no top-k form; drop topk_only=True")
+    ranks, alphas, tensors = {}, {}, {}
+    for name, adapter in adapters(model).items():
+        A, B, scale = adapter.composed_factors()  # (r, in), (out, r)
+        ranks[name] = A.shape[0]
+        alphas[name] = float(scale) * A.shape[0]
+        # own copies: modules that share a factor (ASLoRA's A) must not share storage in the file
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().clone(memory_format=torch.contiguous_format)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().clone(memory_format=torch.contiguous_format)
+    top = max(ranks.values())
+    config = {
+        "r": top, "lora_alpha": top, "use_rslora": False, "lora_dropout": state_of(model).config.dropout,
+        "rank_pattern": {name: r for name, r in ranks.items() if r != top},
+        "alpha_pattern": alphas,
+    }
+    return config, tensors
 
 
 def _import_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
@@ -155,6 +122,26 @@ def _import_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Te
     return model
 
 
+# -- VB-LoRA ------------------------------------------------------------------------------------------------
+_VBLORA_KEYS = {"logits_A": "vblora_logits_A", "logits_B": "vblora_logits_B"}
+
+
+def _export_vblora(model: nn.Module, topk_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    cfg = state_of(model).config
+    if cfg.scale != 1.0:
+        raise VBShareError(
+            f"PEFT's VB-LoRA has no scale and this adapter has scale={cfg.scale}; export it with as_lora=True"
+        )
+    config = {
+        "r": cfg.r, "num_vectors": cfg.num_vectors, "vector_length": cfg.vector_length, "topk": cfg.topk,
+        "vblora_dropout": cfg.dropout, "save_only_topk_weights": topk_only, "init_logits_std": cfg.init_logits_std,
+        "init_vector_bank_bound": cfg.init_bank_bound,
+    }
+    tensors = {PEFT_BANK if k == f"{STATE_ATTR}.bank" else _rename(k, _VBLORA_KEYS): v
+               for k, v in stored_tensors(model, topk_only=topk_only, stored_form=False).items()}
+    return config, tensors
+
+
 def _import_vblora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
     topk_only = bool(config.get("save_only_topk_weights"))
     ours: dict[str, Tensor] = {}
@@ -175,4 +162,81 @@ def _import_vblora(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     load_adapter_tensors(model, state.unpack(ours, topk_only=topk_only), "the PEFT VB-LoRA adapter")
     if topk_only:
         freeze_adapter(model)
+    return model
+
+
+# vbshare method -> PEFT's own type for it. SoRA needs no entry: its stored form is a (pruned) LoRA.
+PEFT_TYPES: dict[str, PeftType] = {
+    "lora": PeftType("LORA", _export_plain_lora, _import_lora),
+    "vblora": PeftType("VBLORA", _export_vblora, _import_vblora),
+}
+PLAIN_LORA = PEFT_TYPES["lora"]
+
+
+# -- the two public calls -----------------------------------------------------------------------------------
+def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool = False, as_lora: bool = False,
+                modules: Sequence[str] | None = None, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapter as a folder that `peft.PeftModel.from_pretrained(base, dir)` loads.
+
+    Args:
+        topk_only: VB-LoRA in PEFT's top-k form (`save_only_topk_weights`).
+        as_lora: write every module's (A, B, s) as a plain PEFT LoRA, whatever the method. Methods PEFT does not
+            have (ASLoRA, ...) are always written that way; SoRA is written as its pruned LoRA.
+        modules: modules saved beside the adapter as PEFT's `modules_to_save`, weights included (a classifier
+            head); None (default) takes every module that trains outside the adapter, [] none.
+    """
+    heads = head_modules(model) if modules is None else list(modules)
+    head_tensors = {PEFT_PREFIX + k: v for k, v in module_tensors(model, heads).items()}
+    model = state_of(model).saved_form(model)
+    state = state_of(model)
+    layers = adapters(model)
+    if not layers:
+        raise VBShareError("the adapter's stored form has no adapted module left (e.g. every SoRA gate is zero); "
+                           "there is nothing to export")
+    kind = PLAIN_LORA if as_lora else PEFT_TYPES.get(state.method, PLAIN_LORA)
+    specific, tensors = kind.export(model, topk_only)
+    config = {
+        "peft_type": kind.peft_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": any(a.fan_in_fan_out for a in layers.values()),
+        "bias": "none",
+        "inference_mode": True,
+        "task_type": None,
+        "modules_to_save": heads or None,
+        **specific,
+    }
+    directory = Path(directory)
+    atomic_write(directory / WEIGHTS_FILE, serialise({**tensors, **head_tensors}))
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    return directory
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Inject and load a PEFT adapter folder (a type in `PEFT_TYPES`) into a plain base model (in place),
+    with its `modules_to_save` weights."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        tensors = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
+    except FileNotFoundError as err:
+        raise VBShareError(f"{err.filename} does not exist; point at a PEFT adapter folder") from None
+    except Exception as err:
+        raise VBShareError(f"{directory} is not a readable PEFT adapter folder ({err})") from None
+    by_type = {kind.peft_type: kind for kind in PEFT_TYPES.values()}
+    kind = by_type.get(config.get("peft_type"))
+    if kind is None:
+        raise VBShareError(
+            f"PEFT adapter type {config.get('peft_type')!r} is not supported; vbshare imports {', '.join(sorted(by_type))}"
+        )
+    heads = list(config.get("modules_to_save") or [])
+    head_keys = {k for k in tensors if any(_strip(k).startswith(h + ".") for h in heads)}
+    kind.load(model, config, {k: v for k, v in tensors.items() if k not in head_keys})
+    if heads:
+        head = {_strip(k): tensors[k] for k in head_keys}
+        unknown = sorted(set(head) - set(model.state_dict()))
+        if unknown:
+            raise VBShareError(f"the PEFT adapter saves {unknown[0]}, which this model does not have; use its base model")
+        model.load_state_dict(head, strict=False)
+        state_of(model).head_modules = heads
     return model

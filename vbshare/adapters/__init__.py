@@ -1,19 +1,9 @@
-"""The adapter methods, by name. Adding a method = writing its module and one line here."""
-from .aslora import ASLoRA, ASLoRAConfig, write_merge_history
-from .base import AdapterConfig, AdapterState, LowRankAdapter
-from .lora import LoRA, LoRAConfig
-from .nola import NOLA, NOLAConfig
-from .sora import SoRA, SoRAConfig
-from .tied_lora import TiedLoRA, TiedLoRAConfig
-from .vblora import VBLoRA, VBLoRAConfig
+"""The adapter methods: the contract (`base.py`) and one module per method.
 
-METHODS: dict[str, type[LowRankAdapter]] = {
-    "lora": LoRA,
-    "vblora": VBLoRA,
-    "aslora": ASLoRA,
-    "sora": SoRA,
-    "tied_lora": TiedLoRA,
-    "nola": NOLA,
-}
+This package knows nothing of the model-level API, checkpoints or the training app. Each method module
+depends only on `base.py` and the bottom modules (`vbshare.errors`, `targets`, `files`, `records`); SoRA also on
+`lora.py`, its stored form being a plain LoRA. The list of methods by name is `vbshare.registry.METHODS`.
+"""
+from .base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, state_of
 
-__all__ = ["METHODS", "ASLoRA", "ASLoRAConfig", "write_merge_history", "AdapterConfig", "AdapterState", "LowRankAdapter", "LoRA", "LoRAConfig", "SoRA", "SoRAConfig", "VBLoRA", "VBLoRAConfig"]
+__all__ = ["STATE_ATTR", "AdapterConfig", "AdapterState", "LowRankAdapter", "adapters", "state_of"]

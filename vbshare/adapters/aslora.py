@@ -51,8 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
+from ..files import atomic_write
 from ..targets import layer_index, module_role
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from .base import AdapterConfig, AdapterState, LowRankAdapter, state_of
 
 METADATA_VERSION = 1
 
@@ -415,12 +416,9 @@ class ASLoRA(LowRankAdapter):
 
 def write_merge_history(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's ASLoRA merge history (one JSON object per merge) to `path` as JSONL."""
-    from ..core import state_of  # local: core imports the adapters package
-
     state = state_of(model)
     if not isinstance(state, ASLoRAState):
         raise VBShareError(f"merge history exists for aslora adapters only, this model carries {state.method}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in state.history), encoding="utf-8")
+    atomic_write(path, "".join(json.dumps(record) + "\n" for record in state.history).encode("utf-8"))
     return path

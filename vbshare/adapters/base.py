@@ -9,10 +9,18 @@ Two small classes make up a method:
 * `LowRankAdapter` — wraps one base linear layer. A subclass says only how to build its factors
   (A: (r, in), B: (out, r), scale s); the forward pass `base(x) + s·B(A(dropout(x)))`, ΔW, merge/unmerge,
   disabling, the stored-parameter count and the optimiser roles all follow from that, once, here.
+
+The factors are always composed with autocast switched off (`composed_factors`), so a method's composition
+(VB-LoRA's top-k / softmax / mix, any method's products of its pieces) runs in the parameters' dtype, fp32 for
+an fp32 model under bf16 / fp16 autocast; only the two low-rank products with x follow the autocast dtype.
+
+Also here, because every layer above needs them and they need nothing but the contract: where a model keeps
+its state (`STATE_ATTR`), `state_of(model)` and `adapters(model)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +30,15 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from ..targets import linear_shape
+
+STATE_ATTR = "vbshare"  # the attribute of an adapted model that holds its `AdapterState`
+
+
+# -- seeded frozen tensors (methods whose fixed random tensors are rebuilt from a seed, never stored) ---------
+def derived_seed(seed: int, *parts: str) -> int:
+    """A 63-bit generator seed from `seed` and names, the same in every process (SHA-256, not Python's hash)."""
+    text = "/".join([str(seed), *parts]).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -61,10 +78,13 @@ class AdapterState(nn.Module):
         config: its `AdapterConfig`.
         targets: adapted module name -> (out_features, in_features) of its base layer.
         inference_only: set when weights came from a lossy stored form (VB-LoRA top-k); training then refuses.
+        head_modules: modules loaded together with the adapter (a task head); saving the adapter again keeps them.
     """
 
     roles: ClassVar[dict[str, str]] = {}  # local parameter name -> optimiser role, for shared tensors
     decay_free_roles: ClassVar[frozenset[str]] = frozenset()
+    # True when `pack(..., topk_only=True)` has a meaning: a compact, lossy, inference-only stored form.
+    topk_form: ClassVar[bool] = False
     # Extra adapter folders a training run writes beside `adapter/`: folder name -> keyword arguments of
     # `vbshare.save_adapter` (VB-LoRA: {"adapter_topk": {"topk_only": True}}, its compact inference form).
     extra_saves: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -75,6 +95,7 @@ class AdapterState(nn.Module):
         self.config = config
         self.targets = dict(targets)
         self.inference_only = False
+        self.head_modules: list[str] = []
         object.__setattr__(self, "_adapters", {})  # name -> adapter, owned by the model, so not registered here
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
@@ -135,7 +156,7 @@ class AdapterState(nn.Module):
     def pack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
         """Turn adapter tensors (model state_dict keys) into the form written to disk."""
         if topk_only:
-            raise VBShareError(f"topk_only applies to vblora only, not {self.method}; drop topk_only=True")
+            raise VBShareError(f"{self.method} adapters have no top-k stored form; drop topk_only=True")
         return tensors
 
     def unpack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
@@ -188,19 +209,28 @@ class LowRankAdapter(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.factors()[0].shape[0]
+        with torch.no_grad():
+            return self.composed_factors()[0].shape[0]
 
     # -- derived once for every method -------------------------------------------------------------------------
+    def composed_factors(self) -> tuple[Tensor, Tensor, float]:
+        """`factors()` computed with autocast off, so the composition runs in the parameters' dtype."""
+        device_type = self.base_layer.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.factors()
+        return self.factors()
+
     def delta_weight(self) -> Tensor:
         """ΔW = s · B A, shape (out, in) — always the nn.Linear orientation, whatever the base layer stores."""
-        A, B, scale = self.factors()
+        A, B, scale = self.composed_factors()
         return (B @ A) * scale
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled or self.merged:
             return result
-        A, B, scale = self.factors()
+        A, B, scale = self.composed_factors()
         h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
         if h.dtype == result.dtype and result.is_contiguous():
             # one GEMM computes result + s·h Bᵀ (no separate scale, add or cast kernels)
@@ -231,3 +261,17 @@ class LowRankAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+# -- where a model keeps its adapters ---------------------------------------------------------------------------
+def state_of(model: nn.Module, required: bool = True) -> AdapterState | None:
+    """The model's `AdapterState`, or None / an error when nothing was injected."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None and required:
+        raise VBShareError("this model has no vbshare adapters; call vbshare.inject(model, method, targets=...) first")
+    return state
+
+
+def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
+    """Adapted module name -> its `LowRankAdapter`, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankAdapter)}

@@ -29,7 +29,6 @@ forward draws them too.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
 
 
 @dataclass
@@ -70,12 +69,6 @@ class NOLAConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.r) / self.r
-
-
-def derived_seed(seed: int, *parts: str) -> int:
-    """A 63-bit generator seed from `seed` and names, the same in every process (SHA-256, not Python's hash)."""
-    text = "/".join([str(seed), *parts]).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,41 @@ The gate g is folded into the factors (`factors()` returns A, B·diag(g), s), so
 disabling come from the `LowRankAdapter` contract. After every optimiser step the gate is soft-thresholded
 (`soft_threshold`): τ = η_t · λ (`threshold="lr_lambda"`, the paper; η_t is the lr of the gate's param group)
 or τ = λ read as a constant ξ (`threshold="constant"`, the official code's mode). Gates that reach zero drop
-their rank-one component; `vbshare.prune` then turns the model into a plain LoRA with per-module ranks.
+their rank-one component; `prune` then turns the model into a plain LoRA with per-module ranks.
+
+All of SoRA lives in this file, top to bottom: the proximal operator, the adapter, pruning to a LoRA, and the
+sparsifying scheduler (`vbshare.sora` is the short public name of the last two):
+
+    vbshare.inject(model, "sora", targets=["query", "value"], r=8, lam=0.1)
+    records = sparsify(model, train_steps, evaluate, SparsifySchedule(schedule="linear", num_stages=4, max=2.0,
+                       dense_steps=200, stage_steps=100), out="runs/sora_stages.jsonl")
+    vbshare.prune(model)  # now a LoRA with per-module ranks: save_adapter / export_peft / summary as LoRA
+
+`train_steps(n_steps, lam)` and `evaluate(split)` are the caller's (the training app's): the scheduler only
+sets λ on the model, asks for steps, and reads back the gates and the metrics.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from ..records import read_jsonl
+from .base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, state_of
+from .lora import LoRA, LoRAConfig
 
 THRESHOLDS = ("lr_lambda", "constant")
 GATE_INITS = ("ones", "normal")
+SCHEDULES = ("linear", "log", "exp")
 
 
 # -- the proximal operator: standalone, usable with any torch optimiser -----------------------------------------
@@ -121,8 +139,6 @@ class SoRAState(AdapterState):
         Frozen tensors (the base weights) are shared with the copy rather than duplicated: pruning only
         replaces modules and never writes into a base weight.
         """
-        from ..sora import prune  # local: vbshare.sora imports the adapters
-
         frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
         return prune(copy.deepcopy(model, memo={id(t): t for t in frozen}))
 
@@ -168,3 +184,206 @@ class SoRA(LowRankAdapter):
     def stored_parameters(self, topk_only: bool = True) -> float:
         """What saving stores: the pruned LoRA, r_kept · (in + out)."""
         return self.retained_rank * (self.in_features + self.out_features)
+
+
+# -- pruning ------------------------------------------------------------------------------------------------
+def retained_ranks(model: nn.Module) -> dict[str, int]:
+    """Adapted module -> the rank it keeps (SoRA: non-zero gates; after pruning: the LoRA rank)."""
+    state = state_of(model)
+    ranks = {name: 0 for name in state.targets}
+    ranks.update({name: adapter.rank for name, adapter in adapters(model).items()})
+    return ranks
+
+
+def retained_parameters(model: nn.Module) -> int:
+    """Adapter parameters left after pruning: Σ r_kept · (in + out) over modules."""
+    state = state_of(model)
+    return sum(k * (state.targets[n][0] + state.targets[n][1]) for n, k in retained_ranks(model).items())
+
+
+@torch.no_grad()
+def prune(model: nn.Module) -> nn.Module:
+    """Turn every SoRA module into a plain LoRA module of its retained rank (in place); returns the model.
+
+    With S = {i : g_i ≠ 0}: A' = A[S, :], B' = B[:, S]·diag(g_S), and the scale stays s = α / r_max (stored as
+    LoRA `rank_pattern` / `alpha_pattern`, alpha_k = s·k). Modules whose gates are all zero get their original
+    base layer back. `model.vbshare` becomes a LoRA state, so save / load / export_peft / summary treat the
+    model as LoRA. A model that is already LoRA is returned unchanged.
+    """
+    state = state_of(model)
+    if state.method == "lora":
+        return model
+    if state.method != "sora":
+        raise VBShareError(f"prune applies to sora adapters, not {state.method}")
+    layers = adapters(model)
+    kept = {name: a.kept() for name, a in layers.items()}
+    ranks = {name: int(idx.numel()) for name, idx in kept.items() if idx.numel()}
+    scale = state.config.scale
+    top = max(ranks.values()) if ranks else state.config.r
+    config = LoRAConfig(
+        r=top, alpha=scale * top, rslora=False, dropout=state.config.dropout,
+        rank_pattern={n: k for n, k in ranks.items() if k != top},
+        alpha_pattern={n: scale * k for n, k in ranks.items() if k != top},
+    )
+    config.validate()
+    new_state = AdapterState("lora", config, {n: state.targets[n] for n in ranks})
+    new_state.target_spec = {"targets": list(ranks), "exclude": None, "layers": None}
+    new_state.inference_only = state.inference_only
+    if not ranks:
+        warnings.warn("every SoRA gate is zero: prune restored the whole base model (no adapter is left)")
+
+    for name, adapter in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if name not in ranks:
+            adapter.unmerge()  # ΔW is zero here, but leave the base weight exactly as it was
+            setattr(parent, child, adapter.base_layer)
+            continue
+        weight = adapter.base_layer.weight
+        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+            lora = LoRA(adapter.base_layer, name, config, new_state)  # its random init is replaced below
+        idx = kept[name]
+        A, B, gate = adapter.lora_A, adapter.lora_B, adapter.gate
+        lora.lora_A = nn.Parameter(A.detach()[idx].clone(), requires_grad=A.requires_grad)  # (k, in)
+        lora.lora_B = nn.Parameter((B.detach()[:, idx] * gate.detach()[idx]).clone(), requires_grad=B.requires_grad)
+        lora.scale = adapter.scale  # exactly α / r_max (the config's s·k / k may differ by one rounding)
+        lora.dropout = adapter.dropout
+        lora.merged, lora.disabled = adapter.merged, adapter.disabled
+        setattr(parent, child, lora.train(adapter.training))
+    setattr(model, STATE_ATTR, new_state)
+    return model
+
+
+def set_lambda(model: nn.Module, lam: float) -> None:
+    """Set SoRA's λ (or ξ with threshold="constant") used by the following proximal steps."""
+    state = state_of(model)
+    if state.method != "sora":
+        raise VBShareError(f"set_lambda applies to sora adapters, not {state.method}")
+    if lam < 0 or not math.isfinite(lam):
+        raise VBShareError(f"lambda must be a finite number >= 0, got {lam!r}")
+    state.config.lam = float(lam)
+
+
+# -- the sparsifying scheduler --------------------------------------------------------------------------------
+@dataclass
+class SparsifySchedule:
+    """A dense stage (λ = 0) of `dense_steps`, then `num_stages` stages of `stage_steps` with λ rising to `max`.
+
+    Stage i = 1..n:  linear: max·i/n;  log: max·ln(1+i)/ln(1+n) (rises fast, then flattens);
+    exp: geometric from `min` (default max/100) to max, min·(max/min)^((i−1)/(n−1)).
+    """
+
+    schedule: str = "linear"
+    num_stages: int = 4
+    max: float = 1.0
+    min: float | None = None
+    dense_steps: int = 100
+    stage_steps: int = 100
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise VBShareError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for key in ("num_stages", "stage_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise VBShareError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise VBShareError(f"dense_steps must be an integer >= 0, got {self.dense_steps!r}")
+        if not self.max > 0 or not math.isfinite(self.max):
+            raise VBShareError(f"max must be a finite number > 0, got {self.max!r}")
+        if self.min is not None and not 0 < self.min <= self.max:
+            raise VBShareError(f"min must be in (0, max], got {self.min!r}")
+
+    def values(self) -> list[float]:
+        """λ of stages 1..num_stages (the dense stage 0 has λ = 0)."""
+        self.validate()
+        n = self.num_stages
+        if self.schedule == "linear":
+            return [self.max * i / n for i in range(1, n + 1)]
+        if self.schedule == "log":
+            return [self.max * math.log1p(i) / math.log1p(n) for i in range(1, n + 1)]
+        low = self.min if self.min is not None else self.max / 100
+        if n == 1:
+            return [self.max]
+        return [low * (self.max / low) ** ((i - 1) / (n - 1)) for i in range(1, n + 1)]
+
+
+def _relative(value: Any, dense: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _relative(v, dense.get(k) if isinstance(dense, Mapping) else None) for k, v in value.items()}
+    if value is None or dense is None or dense == 0:
+        return None
+    return float(value) / float(dense)
+
+
+def sparsify(
+    model: nn.Module,
+    train_steps: Callable[[int, float], Any],
+    evaluate: Callable[[str], float | Mapping[str, float]],
+    schedule: SparsifySchedule | Mapping[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    splits: tuple[str, str] = ("train", "eval"),
+) -> list[dict[str, Any]]:
+    """Run the dense stage and the rising-λ stages, recording each; returns the records (also JSONL in `out`).
+
+    Args:
+        train_steps: `train_steps(n_steps, lam)` continues training the model for n optimiser steps (calling
+            vbshare.after_step after each); λ is already set on the model, `lam` is passed for logging.
+        evaluate: `evaluate(split)` -> a metric (higher = better), or a dict of them; called with
+            splits[0] (a FIXED training subset: "memorisation") and splits[1] (the eval set: "generalisation").
+        out: JSONL file, one record per stage, rewritten from the start and flushed stage by stage.
+    Each record: stage, lam, threshold, steps, total_steps, ranks {module: r_kept}, r_max, retained_rank,
+    nonzero_params (Σ r_kept·(in+out)), param_fraction (of the dense stage's), memorisation, generalisation and
+    their *_rel (ratio to the dense stage).
+    """
+    if not isinstance(schedule, SparsifySchedule):
+        schedule = SparsifySchedule(**(schedule or {}))
+    lams = schedule.values()
+    state = state_of(model)
+    if state.method != "sora":
+        raise VBShareError(f"sparsify drives sora adapters, not {state.method}")
+    path = Path(out) if out is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    records: list[dict[str, Any]] = []
+    total = 0
+    stages = [(0, 0.0, schedule.dense_steps)] + [(i, lam, schedule.stage_steps) for i, lam in enumerate(lams, 1)]
+    for stage, lam, steps in stages:
+        set_lambda(model, lam)
+        if steps:
+            train_steps(steps, lam)
+        total += steps
+        was_training = model.training
+        memorisation, generalisation = evaluate(splits[0]), evaluate(splits[1])
+        model.train(was_training)
+        ranks = retained_ranks(model)
+        params = retained_parameters(model)
+        dense = records[0] if records else None
+        record = {
+            "stage": stage,
+            "kind": "dense" if stage == 0 else "sparse",
+            "schedule": schedule.schedule,
+            "lam": lam,
+            "threshold": state.config.threshold,
+            "steps": steps,
+            "total_steps": total,
+            "ranks": ranks,
+            "r_max": state.config.r,
+            "retained_rank": sum(ranks.values()),
+            "nonzero_params": params,
+            "param_fraction": params / dense["nonzero_params"] if dense and dense["nonzero_params"] else 1.0,
+            "memorisation": memorisation,
+            "generalisation": generalisation,
+            "memorisation_rel": _relative(memorisation, dense["memorisation"] if dense else memorisation),
+            "generalisation_rel": _relative(generalisation, dense["generalisation"] if dense else generalisation),
+        }
+        records.append(record)
+        if path is not None:
+            with path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    return records
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The stage records of a `sparsify` JSONL file (e.g. for a notebook)."""
+    return read_jsonl(path)

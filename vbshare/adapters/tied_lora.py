@@ -25,7 +25,6 @@ trained B, per layer r for a trained u and out for a trained v.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from ..targets import module_role
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
 
 FACTORS = ("A", "B", "u", "v")  # what `train` may name, in this canonical order
 KAIMING_A = math.sqrt(5)  # nn.Linear's (and LoRA's) kaiming_uniform slope: bound = 1/√fan_in
@@ -73,12 +72,6 @@ class TiedLoRAConfig(AdapterConfig):
     def zero_factor(self) -> str:
         """The one trained factor that starts at zero so that ΔW = 0 at init (see the module docstring)."""
         return next(t for t in ("B", "v", "u", "A") if t in self.train)
-
-
-def derived_seed(seed: int, *parts: str) -> int:
-    """A 63-bit generator seed from `seed` and names, the same in every process (SHA-256, not Python's hash)."""
-    text = "/".join([str(seed), *parts]).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
 def seeded_kaiming(shape: tuple[int, int], seed: int) -> Tensor:

@@ -9,10 +9,8 @@ Logits layout is PEFT's, so checkpoints interoperate:
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any
 
 import torch
 from einops import einsum, rearrange
@@ -75,49 +73,24 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (e.g. an activation-checkpoint recompute)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-class _Composed:
-    """One batched composition: every module's (A, B), and what it is valid for."""
-
-    __slots__ = ("key", "grad", "generation", "checked", "factors", "__weakref__")
-
-    def __init__(self, key: tuple, grad: bool, generation: int, factors: dict[str, tuple[Tensor, Tensor]]):
-        self.key = key  # parameter versions / storages / dtype / device it was built from
-        self.grad = grad  # built with autograd recording: valid for one forward pass only
-        self.generation = generation  # the root-model forward pass it was built (or last checked) in
-        self.checked = generation
-        self.factors = factors
-
-
-def _consumed(state_ref: "weakref.ref[VBLoRAState]", entry_ref: "weakref.ref[_Composed]", grad: Tensor) -> None:
-    """Tensor hook on the composed sub-vectors: backward has reached them, so their graph is spent."""
-    state, entry = state_ref(), entry_ref()
-    if state is not None and entry is not None and state._cache is entry:
-        state._cache = None
+def _kept_as_is(tensor: Tensor) -> Tensor:
+    """Pack and unpack hook that keeps a saved tensor as autograd would without hooks."""
+    return tensor
 
 
 class VBLoRAState(AdapterState):
-    """Owns the one bank (h, b) shared by every adapted module of the model, and composes every module's
-    factors in ONE batched top-k / softmax / gather / weighted sum (`compose_all`).
+    """Owns the one bank (h, b) shared by every adapted module of the model.
 
-    Caching (`factors_of`), never visible in the results:
-    * with autograd recording, a composition serves ONE forward pass of the root model: `begin_forward` (a
-      forward pre-hook that `vbshare.inject` registers) starts a new one, and a tensor hook drops it as soon as
-      backward has consumed its graph. Two forwards before one backward (gradient accumulation) therefore each
-      get their own graph. A module called on its own, outside the root model's forward, composes only itself.
-    * without autograd (eval / `torch.no_grad()` / inference mode), the factors are kept until a parameter
-      changes: keyed on every logits tensor's and the bank's `_version` and storage, plus dtype and device.
-      In-place edits through `.data` bypass version tracking; call `invalidate()` after them.
-    * under `torch.compile` nothing is cached: each module composes its own factors inside the graph.
+    Composition: each forward pass of the root model composes every module's factors once, in ONE batched top-k /
+    softmax / gather / weighted sum (`compose_all`), into a plain dict that the modules read during that pass
+    (`begin_forward` / `end_forward` are hooks that `vbshare.inject` registers on the root model). Anywhere else
+    (a module called on its own, under `torch.compile`, an activation-checkpoint recompute during backward) a
+    module composes its own factors (`VBLoRA.compose`). Nothing is kept from one pass to the next, so the result
+    never depends on what ran before.
     """
 
     extra_saves = {"adapter_topk": {"topk_only": True}}  # the compact inference form, beside the trainable one
-
-
+    topk_form = True
     roles = {"bank": "bank"}
     decay_free_roles = frozenset({"bank"})
 
@@ -134,92 +107,51 @@ class VBLoRAState(AdapterState):
                 )
         self.bank = nn.Parameter(torch.empty(config.num_vectors, b))  # (h, b)
         nn.init.uniform_(self.bank, -config.init_bank_bound, config.init_bank_bound)
-        self._generation = 0  # forward passes of the root model begun so far
         self._depth = 0  # root-model forward passes currently running
-        self._cache: _Composed | None = None
+        self._composed: dict[str, tuple[Tensor, Tensor]] | None = None  # this pass's factors, by module name
+        self._composed_with_grad = False
 
-    # -- batched composition and its cache ----------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles leave the cache behind (it may hold a graph, which cannot be copied)."""
-        values = self.__dict__.copy()
-        values.update(_cache=None, _depth=0)
-        return values
-
-    def invalidate(self) -> None:
-        """Forget the composed factors (needed only after in-place edits through `.data`)."""
-        self._cache = None
-
+    # -- one batched composition per forward pass of the root model ----------------------------------------------
     def begin_forward(self) -> None:
         if _compiling():
             return
-        self._generation += 1
         self._depth += 1
-        if self._cache is not None and self._cache.grad:
-            self._cache = None  # the previous pass's graph belongs to that pass
-        if torch.is_grad_enabled() and any(not (a.disabled or a.merged) for a in self._adapters.values()):
-            # compose now, outside every layer, so an activation-checkpointed layer sees the same factors
-            # (and records the same operations) in its forward and in its recompute
-            self._cache = self._build(grad=True)
+        self._composed = None
+        if any(not (a.disabled or a.merged) for a in self._adapters.values()):
+            # composed here, outside every layer: an activation-checkpointed layer's forward then reads the
+            # factors without recording the composition, and its recompute composes its own (`VBLoRA.factors`)
+            with torch.autocast(self.bank.device.type, enabled=False):
+                self._composed = self.compose_all()
+            self._composed_with_grad = torch.is_grad_enabled()
 
     def end_forward(self) -> None:
-        if not _compiling():
-            self._depth = max(0, self._depth - 1)
+        if _compiling():
+            return
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._composed = None
 
-    def _key(self) -> tuple:
-        bank = self.bank
-        key: list[Any] = [bank.dtype, bank.device, bank._version, bank.data_ptr()]
-        for adapter in self._adapters.values():
-            for p in (adapter.logits_A, adapter.logits_B):
-                key += (p._version, p.data_ptr(), p.dtype)
-        return tuple(key)
+    def factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The module's (A, B) from this forward pass's batched composition, or None when it composes its own."""
+        composed = self._composed
+        if composed is None or _compiling() or (torch.is_grad_enabled() and not self._composed_with_grad):
+            return None  # no pass running, or composed without autograd while gradients are wanted now
+        return composed.get(name)
 
     def compose_all(self) -> dict[str, tuple[Tensor, Tensor]]:
         """name -> (A (r, in), B (out, r)) of every module, from one concatenated (N_sub, h) logits tensor."""
-        return self._compose_all()[1]
-
-    def _compose_all(self) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
         h, b, k = self.config.num_vectors, self.config.vector_length, self.config.topk
         adapters = list(self._adapters.values())
-        pieces = [t.reshape(-1, h) for a in adapters for t in (a.logits_A, a.logits_B)]
-        mixed = mix(torch.cat(pieces), self.bank, k)  # (N_sub, b)
-        sizes = [piece.shape[0] for piece in pieces]
-        parts = mixed.split(sizes)
+        pieces = [t.reshape(-1, h) for a in adapters for t in (a.logits_A, a.logits_B)]  # each (n_sub_i, h)
+        parts = mix(torch.cat(pieces), self.bank, k).split([piece.shape[0] for piece in pieces])  # (n_sub_i, b)
         factors = {}
         for i, adapter in enumerate(adapters):
             A = parts[2 * i].view(adapter.logits_A.shape[:2] + (b,))  # (r, in/b, b)
             B = parts[2 * i + 1].view(adapter.logits_B.shape[:2] + (b,))  # (out/b, r, b)
             factors[adapter.name] = (rearrange(A, "r n b -> r (n b)"), rearrange(B, "n r b -> (n b) r"))
-        return mixed, factors
+        return factors
 
-    def _build(self, grad: bool) -> _Composed:
-        key = self._key()
-        with torch.set_grad_enabled(grad):
-            mixed, factors = self._compose_all()  # mixed: (N_sub, b), every module's sub-vectors
-        entry = _Composed(key, grad, self._generation, factors)
-        if grad and mixed.requires_grad:
-            # fires once backward has reached the composition, i.e. consumed (and freed) its graph
-            mixed.register_hook(lambda g, s=weakref.ref(self), e=weakref.ref(entry): _consumed(s, e, g))
-        return entry
-
-    def factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:
-        """The module's (A, B) from the batched composition, or None when it should compose its own."""
-        if _compiling():
-            return None
-        entry = self._cache
-        if torch.is_grad_enabled():
-            if (entry is not None and entry.grad and entry.generation == self._generation
-                    and (self._depth > 0 or _in_backward())):
-                return entry.factors[name]
-            if self._depth == 0:
-                return None  # called on its own: its graph must not be shared with anything else
-            self._cache = entry = self._build(grad=True)
-            return entry.factors[name]
-        if entry is None or entry.grad or (
-                not (self._depth > 0 and entry.checked == self._generation) and entry.key != self._key()):
-            self._cache = entry = self._build(grad=False)
-        entry.checked = self._generation if self._depth > 0 else -1
-        return entry.factors[name]
-
+    # -- storage -------------------------------------------------------------------------------------------------
     def stored_parameters(self, topk_only: bool = True) -> float:
         return self.bank.numel()
 
@@ -278,16 +210,28 @@ class VBLoRA(LowRankAdapter):
                 f"{self.name} was loaded from a top-k-only checkpoint, which cannot be trained; "
                 "load the full checkpoint (saved with topk_only=False) to continue training"
             )
-        cached = self.state.factors_of(self.name)
-        A, B = cached if cached is not None else self.compose()
-        return A, B, self.scale
+        shared = self.state.factors_of(self.name)
+        if shared is not None:
+            return (*shared, self.scale)
+        if _compiling():
+            return (*self.compose(), self.scale)
+        # Saved for backward by this module itself, not by an enclosing activation checkpoint: a checkpointed
+        # layer read the pass's shared factors in its forward, so its recompute must record what that forward
+        # recorded (the two products with x), not this composition. The composition saves only tensors it
+        # creates (indices, softmax weights, gathered vectors), never a parameter, so nothing else can change them.
+        with torch.autograd.graph.saved_tensors_hooks(_kept_as_is, _kept_as_is):
+            return (*self.compose(), self.scale)
 
     def compose(self) -> tuple[Tensor, Tensor]:
-        """This module's (A, B) on its own (the per-module reference path; used under torch.compile)."""
+        """This module's (A, B) on its own, from its logits and the shared bank."""
         bank = self.state.bank
         A = rearrange(mix(self.logits_A, bank, self.topk), "r n b -> r (n b)")  # (r, in/b, b) -> (r, in)
         B = rearrange(mix(self.logits_B, bank, self.topk), "n r b -> (n b) r")  # (out/b, r, b) -> (out, r)
         return A, B
+
+    @property
+    def rank(self) -> int:
+        return self.logits_A.shape[0]
 
     def sub_vectors(self) -> int:
         """n_sub of this module: r·(in + out)/b."""

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..adapters.aslora import _sanitise  # the state's key of a group's A
 from ..errors import VBShareError
 from ..targets import layer_index
 from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, read_adapter, read_jsonl
@@ -143,8 +144,6 @@ def b_distance_matrix(source: PathLike | AdapterFolder, group: str, which: str =
         mats[index if index is not None else name] = folder.tensors[key]
     A = None
     if kind == "delta":
-        from ..adapters.aslora import _sanitise  # the state's key of a group's A
-
         a_key = STATE_PREFIX + "A_" + _sanitise(group)
         if a_key not in folder.tensors:
             raise VBShareError(f"cannot find the shared A of {group} ({a_key}) in {folder.path}")

@@ -16,7 +16,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from .. import core
+from ..adapters.sora import SparsifySchedule, sparsify
+from ..checkpoint import save_adapter
 from ..errors import VBShareError
+from ..files import atomic_write
+from ..train import CONFIG_DIR, run_training
+from ..train.loop import batch_indices, collate, evaluate, forward_loss, setup
 from .common import SNAPSHOTS, PathLike
 
 DEMO = ("model=tiny_bert", "trainer=debug", "data.max_length=32")
@@ -41,11 +52,6 @@ def _quiet(quiet: bool) -> Iterator[None]:
 
 def compose(overrides: Sequence[str]):
     """The training app's config composed from `configs/` with Hydra overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from ..train import CONFIG_DIR
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
 
@@ -67,8 +73,6 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
     `hparams` are the method's hyperparameters (placed by `hparam_overrides`; default: ACTIVE's for the method);
     `snapshot_every`: copy the training-form adapter to `snapshots/step_<N>/` every that many steps.
     """
-    from ..train import run_training
-
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
         raise VBShareError(f"{run_dir} already holds a finished run; give an empty folder")
@@ -102,15 +106,6 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     subset), generalisation = on the validation split. Writes `sora_stages.jsonl`, `config.yaml`,
     `snapshots/stage_<i>/` (training form, with gates) and `adapter/` (pruned).
     """
-    import torch
-    from omegaconf import OmegaConf
-
-    import vbshare
-
-    from ..checkpoint import atomic_write
-    from ..sora import SparsifySchedule, sparsify
-    from ..train.loop import batch_indices, collate, evaluate, forward_loss, setup
-
     run_dir = Path(run_dir)
     schedule = SparsifySchedule(**(schedule or SORA_SCHEDULE))
     cfg = compose([*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}), *overrides])
@@ -127,25 +122,25 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
             batch = collate(train_data, batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed),
                             pad_id, run.device)
             loss, _ = forward_loss(run.model, batch, run.task)
-            extra = vbshare.extra_loss(run.model)
+            extra = core.extra_loss(run.model)
             run.optimizer.zero_grad(set_to_none=True)
             (loss if extra is None else loss + extra).backward()
             run.optimizer.step()
             done["steps"] += 1
-            vbshare.after_step(run.model, run.optimizer, done["steps"])
+            core.after_step(run.model, run.optimizer, done["steps"])
 
     stage = {"i": 0}
 
     def score(split: str) -> dict[str, float]:
         scores = evaluate(run, "train" if split == "train" else "validation")
         if split != "train":  # the second call of a stage: snapshot the gates it ended with
-            vbshare.save_adapter(run.model, run_dir / SNAPSHOTS / f"stage_{stage['i']:02d}", stored_form=False)
+            save_adapter(run.model, run_dir / SNAPSHOTS / f"stage_{stage['i']:02d}", stored_form=False)
             stage["i"] += 1
         return {metric: scores[metric], **{k: v for k, v in scores.items() if k != metric}}
 
     torch.manual_seed(cfg.seed)
     sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
-    vbshare.save_adapter(run.model, run_dir / "adapter", modules=run.head_modules)
+    save_adapter(run.model, run_dir / "adapter", modules=run.head_modules)
     return run_dir
 
 

@@ -39,6 +39,7 @@ from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
 from ..records import flatten, read_jsonl
 from . import metrics as M
+from .loggers import NullLogger
 
 log = logging.getLogger("vbshare.train")
 
@@ -272,8 +273,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
     logger = instantiate(cfg.logger)
     if dist_info.rank != 0:
-        from .loggers import NullLogger
-
         logger = NullLogger()
     run = Run(cfg, run_dir, task, data, model, tokenizer, build_optimizer(cfg, model, mode), device, method,
               head_modules, logger, mode=mode, dist=dist_info)

@@ -1,0 +1,54 @@
+"""Atomic file writes: every file vbshare writes goes through a temporary file in the same folder and a rename.
+
+A crash leaves either the old file or the new one, never half of one. The temporary file is created with the
+mode a plain `open(path, "w")` would give (0o666 minus the user's umask), so colleagues on a shared filesystem
+can read results exactly as they could read any other file the user writes (`tempfile.mkstemp` would make
+every file private, 0o600).
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FILE_MODE = 0o666  # what open() asks for; the kernel subtracts the umask
+_TEMP_ATTEMPTS = 100
+
+
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, exclusively created temporary file beside `name` in `folder`: (descriptor, path)."""
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file for {name} in {folder}")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` with the same temporary-file-and-rename guarantee."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
