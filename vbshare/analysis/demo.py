@@ -109,7 +109,10 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
 
     from ..checkpoint import atomic_write
     from ..sora import SparsifySchedule, sparsify
-    from ..train.loop import batch_indices, collate, evaluate, forward_loss, setup
+    from ..train.batches import batch_indices, collate, forward_loss
+    from ..train.evaluation import evaluate
+    from ..train.setup import setup
+    from ..train.step import train_step
 
     run_dir = Path(run_dir)
     schedule = SparsifySchedule(**(schedule or SORA_SCHEDULE))
@@ -117,22 +120,17 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     with _quiet(quiet):
         run = setup(cfg, run_dir)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    train_data, pad_id = run.data["train"], run.tokenizer.pad_token_id or 0
+    train_data = run.data["train"]
     metric = run.task.metric
     done = {"steps": 0}
 
     def train_steps(n_steps: int, lam: float) -> None:
         run.model.train()
         for _ in range(n_steps):
-            batch = collate(train_data, batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed),
-                            pad_id, run.device)
-            loss, _ = forward_loss(run.model, batch, run.task)
-            extra = vbshare.extra_loss(run.model)
-            run.optimizer.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            run.optimizer.step()
+            indices = batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed)
+            batch = collate(train_data, indices, run.pad_id, run.device)
             done["steps"] += 1
-            vbshare.after_step(run.model, run.optimizer, done["steps"])
+            train_step(run.model, run.optimizer, lambda: forward_loss(run.model, batch, run.task)[0], done["steps"])
 
     stage = {"i": 0}
 
@@ -144,8 +142,11 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
         return {metric: scores[metric], **{k: v for k, v in scores.items() if k != metric}}
 
     torch.manual_seed(cfg.seed)
-    sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
-    vbshare.save_adapter(run.model, run_dir / "adapter", modules=run.head_modules)
+    try:
+        sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
+        vbshare.save_adapter(run.model, run_dir / "adapter", modules=run.mode.head_modules)
+    finally:
+        run.engine.end()
     return run_dir
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import gather_object, is_torch_version
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -45,6 +45,7 @@ log = logging.getLogger("vbshare.train")
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # trainer.precision -> Accelerate's name
 STRATEGIES = ("ddp", "fsdp")
+FSDP2_TORCH = "2.7.0"  # fully_shard over a list of modules, with ignored_params
 
 
 def reset_accelerate_state() -> None:
@@ -82,11 +83,7 @@ class Engine:
             raise VBShareError(f"accelerate launch --mixed_precision={launched} disagrees with trainer.precision={precision}; "
                                "set the precision with trainer.precision and launch without --mixed_precision")
         reset_accelerate_state()
-        self.accelerator = Accelerator(
-            cpu=cpu, mixed_precision=PRECISIONS[precision],
-            # every process updates buffers (e.g. running averages) identically; nothing to broadcast per forward
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=PRECISIONS[precision])
         self.precision = precision
         self.compile = bool(trainer.get("compile", False))
         self.model: nn.Module | None = None
@@ -174,7 +171,7 @@ class Engine:
         sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids)
 
     def _compiled(self, module: nn.Module) -> nn.Module:
         return torch.compile(module) if self.compile else module
@@ -223,8 +220,12 @@ class Engine:
                                f"{diff:.3e} (a merge or gate decision diverged); report this with the config")
         return diff
 
-    def wait(self) -> None:
-        self.accelerator.wait_for_everyone()
+    def reshard(self) -> None:
+        """Before rank 0 alone reads the model's weights (a checkpoint): FSDP keeps the root unit gathered
+        between forward passes, and reading a state dict reshards it — on one process only, the processes'
+        next forward passes would no longer match. So every process reshards here, together."""
+        if self.sharded:
+            self.model.reshard()
 
     def end(self) -> None:
         """Leave the process group and forget Accelerate's state (the next in-process run starts afresh)."""
@@ -251,6 +252,9 @@ def use_cpu(device: str) -> bool:
 def check_shardable(model: nn.Module) -> None:
     """trainer.strategy=fsdp shards frozen weights and needs every adapter's stored form to be computed
     without copying the model (PyTorch cannot deep-copy sharded modules)."""
+    if not is_torch_version(">=", FSDP2_TORCH):
+        raise VBShareError(f"trainer.strategy=fsdp needs torch >= {FSDP2_TORCH} (FSDP2 with ignored parameters); "
+                           f"this is {torch.__version__}: upgrade torch or use trainer.strategy=ddp")
     if not any(not p.requires_grad for p in model.parameters()):
         raise VBShareError("trainer.strategy=fsdp shards the frozen weights, and full fine-tuning freezes none; "
                            "use trainer.strategy=ddp")
@@ -293,8 +297,11 @@ def shard_frozen_weights(model: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     trainable = {p for p in model.parameters() if p.requires_grad}
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    for block in blocks:
         units = frozen_subtrees(block)
         if units:
             fully_shard(units, reshard_after_forward=True)
     fully_shard(model, ignored_params=trainable)
+    log.info("FSDP: frozen weights sharded in %d block units and the root; %d trained tensors kept whole",
+             len(blocks), len(trainable))

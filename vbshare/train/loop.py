@@ -99,6 +99,7 @@ def train(run: "Run") -> bool:
         if t.checkpoint_every and run.step % t.checkpoint_every == 0:
             run.train_seconds += time.perf_counter() - started
             started, steps_here = time.perf_counter(), 0
+            engine.reshard()
             if run.is_main:
                 save_checkpoint(run)
         if t.stop_at_step is not None and t.stop_at_step <= run.step < t.max_steps:

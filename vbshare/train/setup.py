@@ -107,12 +107,16 @@ def keep_trained_in_fp32(model: nn.Module) -> None:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in backward (transformers' own gradient checkpointing,
+    """Recompute each transformer block's activations in backward (transformers' own checkpointing,
     non-reentrant, so frozen inputs and adapters inside the blocks need nothing special)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise VBShareError(f"trainer.activation_checkpointing=true needs a transformers model that supports gradient "
                            f"checkpointing; {type(model).__name__} does not")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
 
 def check_batch(trainer: DictConfig, engine: Engine) -> None:
