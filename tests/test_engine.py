@@ -214,6 +214,14 @@ def test_eval_test_false_never_scores_the_test_split(tmp_path):
     assert "test" not in (tmp_path / "summary.json").read_text()
 
 
+# -- adapter config keys that are not hyperparameters ---------------------------------------------------------
+def test_search_space_and_size_key_stay_out_of_inject(tmp_path):
+    summary = train(["+adapter=lora", *BASE, "trainer.max_steps=1", "+adapter.size_key=r",
+                     "+adapter.search={lr.A: [1e-4, 1e-2]}"], tmp_path)
+    assert summary["hyperparameters"]["r"] == 8
+    assert "search" not in summary["hyperparameters"] and "size_key" not in summary["hyperparameters"]
+
+
 # -- FSDP grouping --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "vblora", "aslora"])
 def test_fsdp_units_hold_every_frozen_block_weight_and_no_trained_one(method):

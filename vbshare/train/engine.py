@@ -34,6 +34,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object, is_torch_version
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import vbshare
 
@@ -131,6 +132,8 @@ class Engine:
             shard_frozen_weights(model.to(self.device))
             self._ddp = self._ddp_around_shards(model)
         else:
+            if self.strategy == "fsdp":
+                log.info("trainer.strategy=fsdp with one process: nothing to shard, training as usual")
             prepared = self.accelerator.prepare_model(model)
             self._ddp = prepared if prepared is not model else None
         self.wrapped = self._compiled(self._ddp or model)
@@ -162,11 +165,10 @@ class Engine:
     def _ddp_around_shards(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel over the trainable (whole) tensors of a model whose frozen weights FSDP shards.
 
-        The sharded weights are excluded by name: DDP must neither broadcast them (each process holds a
-        different shard) nor expect gradients for them. Accelerate refuses models holding sharded tensors, so
-        this wrapper is built here, with the arguments Accelerate would give it."""
-        from torch.distributed.tensor import DTensor
-        from torch.nn.parallel import DistributedDataParallel
+        The sharded weights are excluded by name (DDP's own static method for that): DDP must neither broadcast
+        them (each process holds a different shard) nor expect gradients for them. Accelerate refuses models
+        holding sharded tensors, so this wrapper is built here, with the arguments Accelerate would give it."""
+        from torch.distributed.tensor import DTensor  # here: only with strategy=fsdp (public from torch 2.5)
 
         sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
@@ -294,7 +296,7 @@ def shard_frozen_weights(model: nn.Module) -> None:
     """FSDP2 over the frozen weights: one unit per transformer block (its frozen sub-modules, gathered together
     before the block runs and freed after it), then the root unit for the remaining frozen weights; every
     trainable tensor is left out (`ignored_params`) and stays a whole, ordinary tensor."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # here: only with strategy=fsdp (absent before torch 2.6)
 
     trainable = {p for p in model.parameters() if p.requires_grad}
     blocks = transformer_blocks(model)

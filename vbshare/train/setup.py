@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -132,8 +133,6 @@ def check_batch(trainer: DictConfig, engine: Engine) -> None:
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
-    from hydra.utils import instantiate
-
     t = cfg.trainer
     resume_dir = Path(t.resume) if t.resume else None
     if resume_dir is not None:
@@ -187,8 +186,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 def build_optimizer(cfg: DictConfig, mode: RunMode, model: nn.Module) -> torch.optim.Optimizer:
     """`optim.optimizer` (AdamW) over the mode's parameter groups; each group remembers its peak lr as
     "base_lr", which the schedule scales every step."""
-    from hydra.utils import instantiate
-
     groups = mode.param_groups(model)
     for group in groups:
         group["base_lr"] = group["lr"]
