@@ -29,8 +29,9 @@ from vbshare.train.setup import enable_activation_checkpointing
 BASE = ["model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropout=0", "trainer.eval_every=4",
         "trainer.checkpoint_every=null"]
 # The machinery each method runs after a step, made to act within four steps: ASLoRA ties B's from step 1,
-# SoRA's threshold (lr · lam per step on the gates) zeroes a good share of its N(0, 1) gates.
-ACTIVE = {"aslora": ["adapter.merge_start=1", "adapter.merge_every=1"], "sora": ["adapter.lam=100"]}
+# SoRA's threshold (lr · lam per step on the gates) zeroes a good share of its N(0, 1) gates, and its L1
+# extra loss (once per step, whatever the micro-batches) is on.
+ACTIVE = {"aslora": ["adapter.merge_start=1", "adapter.merge_every=1"], "sora": ["adapter.lam=100", "adapter.l1=0.5"]}
 ACCUMULATION_TOLERANCE = 1e-5  # float rounding of differently sized matrix products
 CHECKPOINTING_TOLERANCE = 1e-6  # the recomputation repeats the same operations
 

@@ -79,11 +79,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_losses:
         with engine.no_sync() if engine is not None and not last else contextlib.nullcontext():
             loss = micro_loss()
             total = loss * processes
-            if last and has_adapters:
-                # computed after the last forward pass, while a sharded model still holds its full tensors
+            if last and has_adapters:  # once per step; averaged over processes that all add it, it counts once
                 extra = vbshare.extra_loss(model)
                 total = total if extra is None else total + extra
-            engine.backward(total) if engine is not None else total.backward()
+            if engine is not None:
+                engine.backward(total)
+            else:
+                total.backward()
         task_loss = loss.detach() if task_loss is None else task_loss + loss.detach()
 
     grad_norm = None
