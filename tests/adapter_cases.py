@@ -6,6 +6,9 @@ Adding a method to the matrix = adding one `Case` to `CASES`.
 """
 from __future__ import annotations
 
+import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,6 +90,43 @@ def aslora_reference(adapter) -> torch.Tensor:
     return (config.alpha / config.r) * B @ A
 
 
+def tied_lora_reference(adapter) -> torch.Tensor:
+    """ΔW = s · Σ_i u_i · (v ⊙ B[:, i]) a_iᵀ, one rank-one component at a time; A and B are the role's
+    tensors, found by their state_dict key `A_<role with * -> N, other non-word characters -> _>`."""
+    role = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", adapter.name)
+    key = re.sub(r"[^0-9A-Za-z_]", "_", role.replace("*", "N"))
+    shared = adapter.state.state_dict()
+    A, B = shared[f"A_{key}"].double(), shared[f"B_{key}"].double()  # (r, in), (out, r)
+    own = adapter.state_dict()
+    u, v = own["u"].double(), own["v"].double()  # (r,), (out,)
+    config = adapter.state.config
+    delta = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+    for i in range(u.numel()):
+        delta += u[i] * torch.outer(v * B[:, i], A[i])
+    return (config.alpha / config.r) * delta
+
+
+def nola_reference(adapter) -> torch.Tensor:
+    """ΔW = s · (Σ_j β_j B_j)(Σ_i α_i A_i) with the bases redrawn here by the documented rule: seed = first 8
+    bytes (little-endian, top bit cleared) of SHA-256("<seed>/<module name>/<A|B>"), float32 CPU draws
+    U(−1/√count, 1/√count) of shape (k, r, in) / (l, out, r); summed in float64, one basis at a time."""
+    config = adapter.state.config
+
+    def bases(factor: str, shape: tuple[int, int, int]) -> torch.Tensor:
+        digest = hashlib.sha256(f"{config.seed}/{adapter.name}/{factor}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        bound = 1.0 / math.sqrt(shape[0])
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator).double()
+
+    coef_A, coef_B = adapter.coef_A.detach().double(), adapter.coef_B.detach().double()  # α (k,), β (l,)
+    r, out_features, in_features = config.r, adapter.out_features, adapter.in_features
+    bases_A = bases("A", (coef_A.numel(), r, in_features))
+    bases_B = bases("B", (coef_B.numel(), out_features, r))
+    A = sum(coef_A[i] * bases_A[i] for i in range(coef_A.numel()))  # (r, in)
+    B = sum(coef_B[j] * bases_B[j] for j in range(coef_B.numel()))  # (out, r)
+    return (config.alpha / config.r) * B @ A
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference),
     "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference),
@@ -94,4 +134,8 @@ CASES: dict[str, Case] = {
     "aslora": Case("aslora", {"r": 4, "alpha": 8, "merge_start": 1, "merge_every": 1}, aslora_reference),
     # lam small: τ = lr·λ = 1e-4 per step, so 3 steps at lr 1e-2 train the adapter without pruning it away
     "sora": Case("sora", {"r": 4, "alpha": 8, "lam": 0.01}, sora_reference),
+    # every factor trained (the default): B starts at 0, so training steps are what make ΔW non-zero
+    "tied_lora": Case("tied_lora", {"r": 4, "alpha": 8}, tied_lora_reference),
+    # k != l so a swap of the two coefficient vectors or basis sets cannot go unnoticed
+    "nola": Case("nola", {"r": 4, "alpha": 8, "num_basis_a": 16, "num_basis_b": 12}, nola_reference),
 }

@@ -22,7 +22,9 @@ from vbshare.adapters import METHODS
 from vbshare.errors import VBShareError
 from vbshare.models import tiny_bert
 from vbshare.train import CONFIG_DIR, run_training, train_step
-from vbshare.train.batches import IGNORE_INDEX, collate, count_targets, forward_loss
+from vbshare.data.batching import collate
+from vbshare.data.tasks import IGNORE_INDEX
+from vbshare.train.batches import count_targets, forward_loss
 from vbshare.train.engine import frozen_subtrees, transformer_blocks
 from vbshare.train.setup import enable_activation_checkpointing
 
@@ -167,11 +169,11 @@ def test_activation_checkpointing_recomputes_every_block():
 
 # -- mixed precision ------------------------------------------------------------------------------------------
 def test_bf16_trains_and_keeps_fp32_adapter(tmp_path):
-    """bf16 autocast: the loss falls on a batch seen every step, the trained tensors stay fp32, and the
-    forward pass really ran in bf16 (its first loss differs from fp32's by bf16 rounding only)."""
+    """bf16 autocast over a base loaded in bf16: the loss falls on a batch seen every step, the trained tensors
+    stay fp32, and the forward pass really ran in bf16 (its first loss differs from fp32's by rounding only)."""
     same_batch = [*BASE, "+adapter=lora", "trainer.max_examples=8", "trainer.batch_size=8", "trainer.max_steps=8",
                   "trainer.eval_every=8", "adapter.lr.A=2e-2", "adapter.lr.B=2e-2", "adapter.lr.head=2e-2"]
-    low = train([*same_batch, "trainer.precision=bf16"], tmp_path / "bf16")
+    low = train([*same_batch, "trainer.precision=bf16", "model.dtype=bf16"], tmp_path / "bf16")
     train(same_batch, tmp_path / "fp32")
     assert low["precision"] == "bf16"
     curve = [loss for _, loss in losses(tmp_path / "bf16")]
@@ -185,7 +187,8 @@ def test_bf16_trains_and_keeps_fp32_adapter(tmp_path):
 @pytest.mark.parametrize("setting, needle", [("trainer.precision=fp16", "needs a CUDA device"),
                                              ("trainer.precision=fp8", "trainer.precision must be"),
                                              ("trainer.strategy=zero3", "trainer.strategy must be"),
-                                             ("trainer.grad_accum_steps=3", "divisible by the number of processes")])
+                                             ("trainer.grad_accum_steps=3", "divisible by the number of processes"),
+                                             ("model.dtype=bf16", "set trainer.precision=bf16")])
 def test_bad_engine_settings_fail_in_one_line(setting, needle, tmp_path):
     with pytest.raises(VBShareError, match=needle):
         train(["+adapter=lora", *BASE, setting], tmp_path)

@@ -1,9 +1,11 @@
 """Loading models for the training app: the embedded defaults from package folders (no hub access), a tiny
-random BERT for tests, and any transformers model by name (for users with internet).
+random BERT for tests, and any transformers model from a local folder or the Hugging Face cache / Hub.
 
-Every loader has the signature `(task, num_labels, seed, ...) -> (model, tokenizer)` with `task` one of
+Every loader has the signature `(task, num_labels, seed, ..., dtype) -> (model, tokenizer)` with `task` one of
 "classification" (a sequence classifier with a fresh `num_labels` head; `num_labels == 1` is regression) or
-"lm" (a causal language model). The Hydra configs in `configs/model/` point at these functions.
+"lm" (a causal language model), and `dtype` one of "fp32" | "bf16" | "fp16" (the dtype the whole model is
+loaded in; adapters injected later keep their own fp32 parameters). The Hydra configs in `configs/model/`
+point at these functions and pass `model.dtype`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
 from .assets import minilm_dir, smollm2_gguf
 from .errors import VBShareError
 
@@ -23,6 +29,10 @@ log = logging.getLogger(__name__)
 
 TASKS = ("classification", "lm")
 SMOLLM2_CACHE_NAME = "smollm2-135m-fp32"  # folder under the cache dir holding the converted GGUF
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.dtype -> torch dtype
+HUB_PROBE_TIMEOUT_S = 10.0  # one metadata request to the Hub before downloading an uncached model
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either set to 1: never contact the Hub
+CONFIG_FILE = "config.json"  # every transformers model folder has one
 
 
 def _check_task(task: str, supported: tuple[str, ...], model_name: str) -> None:
@@ -49,30 +59,52 @@ def _quiet_transformers():
     return quiet()
 
 
-def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
+def torch_dtype(name: str) -> torch.dtype:
+    """model.dtype ("fp32" | "bf16" | "fp16") as a torch dtype."""
+    if name not in DTYPES:
+        raise VBShareError(f"model.dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification from a local transformers folder.
 
-    The encoder's weights are pretrained; the classification head is new, initialised from `seed`.
+    The encoder's weights are pretrained; the classification head is new, initialised from `seed` (a head
+    saved in the folder is kept only when it has `num_labels` outputs).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    weights_dtype = torch_dtype(dtype)
     torch.manual_seed(seed)
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, dtype=weights_dtype, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
 
-def load_minilm_classifier(num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
+def load_causal_lm(path: str | Path, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a causal language model from a local transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights_dtype = torch_dtype(dtype)
+    torch.manual_seed(seed)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def load_minilm_classifier(num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, FFN 1536) with a fresh `num_labels` head."""
-    return load_sequence_classifier(minilm_dir(), num_labels, seed)
+    return load_sequence_classifier(minilm_dir(), num_labels, seed, dtype)
 
 
 # -- Hydra-facing loaders (configs/model/*.yaml) ------------------------------------------------------------------
-def minilm(task: str, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
+def minilm(task: str, num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
     """all-MiniLM-L6-v2 from its package folder; classification only (it is an encoder)."""
     _check_task(task, ("classification",), "minilm")
-    return load_minilm_classifier(num_labels, seed)
+    return load_minilm_classifier(num_labels, seed, dtype)
 
 
 def tiny_bert(
@@ -84,11 +116,13 @@ def tiny_bert(
     num_heads: int = 2,
     intermediate_size: int = 128,
     max_positions: int = 512,
+    dtype: str = "fp32",
 ) -> tuple[nn.Module, object]:
     """A small randomly initialised BERT built in-process (no files), with MiniLM's tokenizer (vocab 30,522)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     _check_task(task, ("classification",), "tiny_bert")
+    weights_dtype = torch_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
@@ -99,8 +133,8 @@ def tiny_bert(
         max_position_embeddings=max_positions,
         num_labels=num_labels,
     )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config), tokenizer
+    torch.manual_seed(seed)  # initialised in fp32 (the same numbers for every dtype), then cast
+    return BertForSequenceClassification(config).to(weights_dtype), tokenizer
 
 
 def cache_dir() -> Path:
@@ -148,41 +182,84 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-def smollm2_135m(task: str, num_labels: int = 0, seed: int = 0) -> tuple[nn.Module, object]:
+def smollm2_135m(task: str, num_labels: int = 0, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
     """SmolLM2-135M (decoder, 30 layers, hidden 576, FFN 1536) from the packaged Q4_1 GGUF, via the fp32 cache."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
+    _check_task(task, TASKS, "smollm2_135m")
+    torch_dtype(dtype)  # a bad dtype fails before the one-time conversion
     folder = convert_gguf(smollm2_gguf(), cache_dir() / SMOLLM2_CACHE_NAME)
-    torch.manual_seed(seed)
-    with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if task == "lm":
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-        else:
-            _check_task(task, TASKS, "smollm2_135m")
-            model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels)
+    if task == "lm":
+        model, tokenizer = load_causal_lm(folder, seed, dtype)
+    else:
+        model, tokenizer = load_sequence_classifier(folder, num_labels, seed, dtype)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
 
-def hf(task: str, num_labels: int, name: str, seed: int = 0) -> tuple[nn.Module, object]:
-    """Any transformers model by hub name or local folder (`model.name=...`); needs internet for hub names."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def hf(task: str, num_labels: int, name: str, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+    """Any transformers model (`model=hf model.loader.name=...`): a local folder (config.json, weights and
+    tokenizer files, as save_pretrained writes them) or a Hugging Face Hub name.
 
+    A hub name is loaded from the local Hugging Face cache when it is there (no network); otherwise it is
+    downloaded, unless HF_HUB_OFFLINE=1 or the Hub cannot be reached, which fails at once with one line.
+    """
     _check_task(task, TASKS, f"hf:{name}")
-    torch.manual_seed(seed)
+    torch_dtype(dtype)
+    source = locate_model(name)
     try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            if task == "lm":
-                model = AutoModelForCausalLM.from_pretrained(name)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
-    except OSError as err:
+        if task == "lm":
+            model, tokenizer = load_causal_lm(source, seed, dtype)
+        else:
+            model, tokenizer = load_sequence_classifier(source, num_labels, seed, dtype)
+    except (OSError, ValueError) as err:  # missing files in a folder / cache, unknown architecture
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VBShareError(f"cannot load transformers model {name!r} ({first}); check the name and your connection") from None
+        raise VBShareError(f"cannot load transformers model {name!r} ({first}); check model.loader.name") from None
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set (read now, not at import)."""
+    return hub_constants.HF_HUB_OFFLINE or any(
+        os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE") for var in OFFLINE_VARIABLES)
+
+
+def locate_model(name: str) -> str:
+    """What to give from_pretrained for a local folder or a hub name, checked up front.
+
+    Local folder: must hold config.json. Hub name in the local cache: its cached snapshot folder (no network,
+    no retries). Hub name not cached: one metadata request (no retries) tells a missing model, a gated
+    one and an unreachable Hub apart in one line; only a reachable, existing model goes on to download.
+    """
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / CONFIG_FILE).is_file():
+            raise VBShareError(f"model folder {folder} has no {CONFIG_FILE}; give a folder written by save_pretrained")
+        return str(folder)
+    nowhere = f"{name!r} is not a local folder"
+    try:
+        cached = try_to_load_from_cache(name, CONFIG_FILE)
+    except HFValidationError:
+        raise VBShareError(f"{nowhere} and not a valid Hugging Face Hub name; set model.loader.name to a model "
+                           "folder or an owner/name on the Hub") from None
+    if isinstance(cached, str):  # load the cached snapshot as a folder: transformers then asks the Hub nothing
+        return snapshot_download(name, local_files_only=True)
+    fix = f"download it once where there is network (`hf download {name}`) or give a local folder"
+    if hub_offline():
+        raise VBShareError(f"{nowhere} and not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}), and "
+                           f"HF_HUB_OFFLINE is set; {fix}")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise VBShareError(f"{name!r} is a gated model on the Hugging Face Hub; accept its terms on the Hub and "
+                           "log in (`hf auth login`), or give a local folder") from None
+    except RepositoryNotFoundError:
+        raise VBShareError(f"{nowhere} and the Hugging Face Hub has no model {name!r} (or it is private); "
+                           "check model.loader.name") from None
+    except Exception as err:  # connection / DNS / timeout errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VBShareError(f"{nowhere} and not in the Hugging Face cache, and the Hub cannot be reached ({first}); "
+                           f"{fix}") from None
+    return name
 
 
 def _ensure_pad_token(model: nn.Module, tokenizer) -> None:

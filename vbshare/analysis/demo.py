@@ -109,7 +109,8 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
 
     from ..checkpoint import atomic_write
     from ..sora import SparsifySchedule, sparsify
-    from ..train.batches import batch_indices, collate, forward_loss
+    from ..data.batching import collate
+    from ..train.batches import batch_indices, forward_loss
     from ..train.evaluation import evaluate
     from ..train.setup import setup
     from ..train.step import train_step

@@ -2,7 +2,7 @@
 
 * `batch_indices`: the examples of one optimiser step (the global batch), a pure function of (step, seed).
 * `shard_micro_batches`: this process's part of the global batch, cut into `grad_accum_steps` micro-batches.
-* `collate`: right-padded tensors of chosen examples.
+* `collate` (from vbshare.data.batching): right-padded tensors of chosen examples.
 * `count_targets`: what a loss averages over (examples; target tokens for a language model), so
   micro-batches of any size can be weighted into exactly the global batch's mean loss.
 * `forward_loss`: the task loss of a batch (cross-entropy, MSE for regression, next-token cross-entropy).
@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.tasks import Encoded, Task
+from ..data.batching import collate
+from ..data.tasks import IGNORE_INDEX, Encoded, Task
+
+__all__ = ["IGNORE_INDEX", "batch_indices", "collate", "count_targets", "forward_loss", "lm_targets",
+           "shard_micro_batches"]
 
 DATA_ORDER_SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with generator seed s * stride + e
-IGNORE_INDEX = -100  # a target position without loss (cross-entropy's ignore_index)
 NOT_MODEL_INPUTS = ("labels", "lm_labels")  # batch keys the loss reads and the model never sees
 
 
@@ -49,41 +52,9 @@ def count_targets(split: Encoded, indices: list[int] | Tensor, kind: str) -> int
     target tokens of a language model (positions 1.. of each sequence, minus those labelled IGNORE_INDEX)."""
     if kind != "lm":
         return len(indices)
-    lm_labels = getattr(split, "lm_labels", None)
-    if lm_labels is None:
+    if split.lm_labels is None:
         return sum(len(split.input_ids[int(i)]) - 1 for i in indices)
-    return sum(sum(1 for label in lm_labels[int(i)][1:] if label != IGNORE_INDEX) for i in indices)
-
-
-def collate(split: Encoded, indices: list[int] | Tensor, pad_id: int, device: torch.device) -> dict[str, Tensor]:
-    """Right-pad the chosen examples to the longest one: input_ids / attention_mask (B, T), labels (B,),
-    token_type_ids (B, T) when the tokenizer gives them, lm_labels (B, T) padded with IGNORE_INDEX when the
-    split has per-token targets."""
-    rows = [split.input_ids[int(i)] for i in indices]
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if split.token_type_ids is not None:
-        batch["token_type_ids"] = padded([split.token_type_ids[int(i)] for i in indices], longest, 0)
-    lm_labels = getattr(split, "lm_labels", None)
-    if lm_labels is not None:
-        batch["lm_labels"] = padded([lm_labels[int(i)] for i in indices], longest, IGNORE_INDEX)
-    if split.labels is not None:
-        labels = [split.labels[int(i)] for i in indices]
-        batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def padded(rows: list[list[int]], length: int, fill: int) -> Tensor:
-    """Integer rows right-padded with `fill` to `length`: (B, length)."""
-    out = torch.full((len(rows), length), fill, dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        out[b, :len(row)] = torch.tensor(row)
-    return out
+    return sum(sum(1 for label in split.lm_labels[int(i)][1:] if label != IGNORE_INDEX) for i in indices)
 
 
 def lm_targets(batch: dict[str, Tensor]) -> Tensor:

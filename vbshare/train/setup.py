@@ -99,12 +99,17 @@ def set_dropout(model: nn.Module, p: float | None) -> None:
             module.p = float(p)
 
 
-def keep_trained_in_fp32(model: nn.Module) -> None:
-    """Trained tensors (and so their gradients and optimiser state) stay fp32 whatever the base's dtype;
-    autocast computes in the lower precision."""
+def keep_trained_in_fp32(model: nn.Module, precision: str) -> None:
+    """Trained tensors (and so their gradients and optimiser state) stay fp32 whatever the base's dtype
+    (`model.dtype`); autocast computes in the lower precision, which a lower-precision base therefore needs."""
     for param in model.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()
+              and not p.requires_grad and p.dtype != torch.float32}
+    if frozen and precision == "fp32":
+        raise VBShareError(f"the frozen weights are {', '.join(sorted(frozen))} (model.dtype) but trainer.precision=fp32 "
+                           "would feed their outputs to fp32 trained tensors; set trainer.precision=bf16 (or fp16 on GPU)")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -167,7 +172,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
     mode = run_mode(cfg, task.kind)
     mode.prepare(model)
-    keep_trained_in_fp32(model)
+    keep_trained_in_fp32(model, engine.precision)
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model)
     saved_state = checkpoints.load_weights(run_dir, mode, model) if resume_dir is not None else None

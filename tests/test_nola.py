@@ -1,0 +1,201 @@
+"""NOLA (docs/methods.md §7): the bases are never saved and are rebuilt bit-identically (on load, in another
+process, after `.to()` moves of dtype and device), cached and regenerated bases give the same numbers while the
+regenerated path keeps no bases in the autograd graph, stored = k + l per module, defaults, bad configs."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import vbshare
+from vbshare.adapters.nola import NOLAConfig
+from vbshare.checkpoint import WEIGHTS_FILE
+from vbshare.errors import VBShareError
+
+K, L, R = 10, 6, 3
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 12)  # (out=12, in=8)
+        self.proj = nn.Linear(12, 8)  # (out=8, in=12)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = x + torch.tanh(block.proj(torch.tanh(block.fc(x))))
+        return x
+
+
+def toy() -> Toy:
+    torch.manual_seed(0)
+    return Toy()
+
+
+def adapted(**hyperparameters) -> Toy:
+    model = toy()
+    torch.manual_seed(1)
+    options = {"r": R, "num_basis_a": K, "num_basis_b": L, "alpha": 6.0, **hyperparameters}
+    return vbshare.inject(model, "nola", targets=["fc", "proj"], **options)
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def train(model: nn.Module, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=5e-2))
+    for step in range(1, steps + 1):
+        model(batch(step)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def bases_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{which}": b for name, a in vbshare.adapters(model).items() for which, b in zip("AB", a.bases())}
+
+
+def test_defaults_follow_the_paper():
+    config = NOLAConfig()
+    assert (config.num_basis_a, config.num_basis_l, config.r) == (1024, 1024, 8)
+    assert config.cache_bases is True
+    model = vbshare.inject(toy(), "nola", targets=["fc"], num_basis_a=7)  # l follows k unless given
+    assert {a.coef_B.numel() for a in vbshare.adapters(model).values()} == {7}
+
+
+def test_bases_never_saved_and_rebuilt_on_load(tmp_path):
+    model = adapted()
+    train(model)
+    vbshare.save_adapter(model, tmp_path)
+    saved = safetensors.torch.load_file(str(tmp_path / WEIGHTS_FILE))
+    assert set(saved) == {f"{name}.coef_{f}" for name in vbshare.adapters(model) for f in "AB"}
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size < 4 * (K + L) * 4 + 2048  # 4 modules of k + l floats + header
+    fresh = vbshare.load_adapter(toy(), tmp_path)
+    expected = bases_of(model)
+    for key, value in bases_of(fresh).items():
+        assert torch.equal(value, expected[key]), key
+    with torch.no_grad():
+        assert torch.equal(fresh(batch(0)), model(batch(0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+def test_bases_after_dtype_move(dtype, cache, tmp_path):
+    """After `.to(dtype)` the bases are the float32 draw cast once, whichever way they are kept and also
+    after a load; the adapter then runs in that dtype."""
+    reference = bases_of(adapted())  # float32, cached
+    model = adapted(cache_bases=cache)
+    train(model)
+    vbshare.save_adapter(model, tmp_path)
+    for moved in (model.to(dtype), vbshare.load_adapter(toy(), tmp_path).to(dtype)):
+        for key, value in bases_of(moved).items():
+            assert value.dtype == dtype and torch.equal(value, reference[key].to(dtype)), key
+        with torch.no_grad():
+            assert moved(batch(0).to(dtype)).dtype == dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+def test_bases_after_device_move(cache):
+    reference = bases_of(adapted())
+    model = adapted(cache_bases=cache).to("cuda")
+    for key, value in bases_of(model).items():
+        assert value.is_cuda and torch.equal(value.cpu(), reference[key]), key
+
+
+def test_bases_are_the_same_in_another_process():
+    """The per-module seed comes from SHA-256, not Python's salted hash(): a process with another hash seed draws
+    the same bits."""
+    here = hashlib.sha256(b"".join(v.numpy().tobytes() for v in bases_of(adapted()).values())).hexdigest()
+    script = (
+        "import hashlib, sys, torch, vbshare\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_nola import adapted, bases_of\n"
+        "print(hashlib.sha256(b''.join(v.numpy().tobytes() for v in bases_of(adapted()).values())).hexdigest())\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    there = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    assert there == here
+
+
+def test_modules_and_seeds_get_their_own_bases():
+    model = adapted()
+    layers = vbshare.adapters(model)
+    first, second = layers["layers.0.fc"].bases()[0], layers["layers.1.fc"].bases()[0]
+    assert first.shape == second.shape and not torch.equal(first, second)
+    other = adapted(seed=1)
+    assert not torch.equal(first, vbshare.adapters(other)["layers.0.fc"].bases()[0])
+
+
+def test_cached_and_regenerated_agree():
+    cached, regenerated = adapted(cache_bases=True), adapted(cache_bases=False)
+    for (name, a), b in zip(vbshare.adapters(cached).items(), vbshare.adapters(regenerated).values()):
+        assert torch.equal(a.coef_A, b.coef_A), "the coefficients' init must not depend on cache_bases"
+        assert torch.equal(a.bases()[0], b.bases()[0]) and torch.equal(a.bases()[1], b.bases()[1]), name
+    train(cached)
+    train(regenerated)
+    for (name, a), b in zip(vbshare.adapters(cached).items(), vbshare.adapters(regenerated).values()):
+        assert a.coef_B.abs().max() > 0, f"{name}: β did not train"
+        torch.testing.assert_close(a.coef_A, b.coef_A, atol=1e-7, rtol=0)
+        torch.testing.assert_close(a.coef_B, b.coef_B, atol=1e-7, rtol=0)
+        torch.testing.assert_close(a.delta_weight(), b.delta_weight(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+def test_regenerated_bases_are_not_kept_for_backward(cache):
+    """Cached bases are saved for backward (they are alive anyway); regenerated ones are drawn again in backward,
+    so nothing basis-sized is saved."""
+    model = adapted(num_basis_a=64, num_basis_b=64, cache_bases=cache)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.numel()), t)[1], lambda t: t):
+        loss = model(batch(0)).pow(2).mean()
+    loss.backward()
+    smallest_bases = 64 * R * 8  # (k, r, in) of fc
+    assert (max(saved) >= smallest_bases) is cache
+    assert all(a.coef_B.grad is not None for a in vbshare.adapters(model).values())
+
+
+def test_stored_is_k_plus_l_per_module_whatever_the_shape_and_rank():
+    for r in (1, 5):
+        summary = vbshare.summary(adapted(r=r))
+        rows = [row for row in summary.rows if row["shape"] is not None]
+        assert {row["shape"] for row in rows} == {(12, 8), (8, 12)}
+        assert all(row["stored"] == K + L and row["trainable"] == K + L for row in rows)
+        assert summary.stored == 4 * (K + L)
+    assert set(vbshare.parameter_roles(adapted()).values()) == {"coefficients"}
+
+
+def test_init_is_zero_delta_with_lora_like_A():
+    model = adapted(num_basis_a=1024, r=8)
+    x = batch(0)
+    with torch.no_grad():
+        assert torch.equal(model(x), toy()(x)), "β = 0 must give ΔW = 0 exactly"
+        A = vbshare.adapters(model)["layers.0.proj"].factors()[0]  # (8, 12), entries should have var 1/(3·12)
+    assert abs(A.var().item() * 3 * 12 - 1.0) < 0.3
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"num_basis_a": 0}, "num_basis_a must be a positive integer"),
+    ({"num_basis_b": 2.5}, "num_basis_b must be a positive integer"),
+    ({"cache_bases": "yes"}, "cache_bases must be true or false"),
+    ({"alpha": -1.0}, "alpha must be positive"),
+    ({"seed": "x"}, "seed must be an integer"),
+    ({"bases": 4}, "unknown nola hyperparameter"),
+])
+def test_bad_config_is_one_line(bad, needle):
+    with pytest.raises(VBShareError, match=needle) as err:
+        vbshare.inject(toy(), "nola", targets=["fc"], **bad)
+    assert "\n" not in str(err.value)
