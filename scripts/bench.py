@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import vbshare
+from vbshare.train import train_step
 
 TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]  # every linear layer of the encoder
 OURS = ["lora", "vblora", "aslora", "sora"]
@@ -118,17 +119,9 @@ class Runner:
             out.float().pow(2).mean().backward()
             self.embeds.grad = None
             return
-        out = self.model(input_ids=self.ids).last_hidden_state
-        loss = out.float().pow(2).mean()
-        if self.variant in OURS:
-            extra = vbshare.extra_loss(self.model)
-            loss = loss if extra is None else loss + extra
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step_no += 1
-        if self.variant in OURS:
-            vbshare.after_step(self.model, self.optimizer, self.step_no)
+        train_step(self.model, self.optimizer, lambda: self.model(input_ids=self.ids).last_hidden_state.float().pow(2).mean(),
+                   self.step_no)
 
 
 def sync(device: torch.device) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 import vbshare
 from vbshare.adapters.aslora import write_merge_history
+from vbshare.train import train_step
 
 
 class Block(nn.Module):
@@ -56,12 +57,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps, d: int = 8)
     losses = []
     model.train()
     for step in steps:
-        loss = (model(batch(step, d)) - 1.0).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        vbshare.after_step(model, optimizer, step)
-        losses.append(loss.item())
+        stats = train_step(model, optimizer, lambda: (model(batch(step, d)) - 1.0).pow(2).mean(), step)
+        losses.append(stats.loss.item())
     return losses
 
 

@@ -12,6 +12,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 import vbshare
 from vbshare.core import adapter_state_dict
 from vbshare.registry import METHODS
+from vbshare.train import train_step
 
 from adapter_cases import CASES
 
@@ -54,12 +55,7 @@ def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2) -> tor
     optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=lr))
     model.train()
     for step in range(1, steps + 1):
-        loss = run(model, inputs(step)).pow(2).mean()
-        extra = vbshare.extra_loss(model)
-        (loss if extra is None else loss + extra).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        vbshare.after_step(model, optimizer, step)
+        train_step(model, optimizer, lambda: run(model, inputs(step)).pow(2).mean(), step)
     model.eval()
     return optimizer
 

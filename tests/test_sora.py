@@ -18,6 +18,7 @@ import vbshare
 from vbshare.adapters.sora import SoRA, soft_threshold
 from vbshare.errors import VBShareError
 from vbshare.sora import SparsifySchedule, read_records, retained_ranks, sparsify
+from vbshare.train import train_step
 
 MAX_LENGTH = 64
 
@@ -298,13 +299,10 @@ def test_sparsify_on_bbc_news_prunes_more_as_lambda_rises(minilm, tmp_path):
         model.train()
         for _ in range(n_steps):
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(done["steps"]))[:6]
-            out = model(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx],
-                        labels=train_y[idx])
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
             done["steps"] += 1
-            vbshare.after_step(model, optimizer, done["steps"])
+            train_step(model, optimizer, lambda: model(input_ids=train["input_ids"][idx],
+                                                       attention_mask=train["attention_mask"][idx],
+                                                       labels=train_y[idx]).loss, done["steps"])
 
     def evaluate(split: str) -> float:
         model.eval()

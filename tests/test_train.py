@@ -19,7 +19,8 @@ from hydra.errors import ConfigCompositionException
 
 from vbshare.registry import METHODS
 from vbshare.train import CONFIG_DIR, run_training
-from vbshare.train.loop import batch_indices, lr_factor
+from vbshare.train.batches import batch_indices
+from vbshare.train.loop import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer=debug", "data.max_length=32"]

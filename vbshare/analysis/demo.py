@@ -21,13 +21,16 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from .. import core
 from ..adapters.sora import SparsifySchedule, sparsify
 from ..checkpoint import save_adapter
 from ..errors import VBShareError
 from ..files import atomic_write
 from ..train import CONFIG_DIR, run_training
-from ..train.loop import batch_indices, collate, evaluate, forward_loss, setup
+from ..data.batching import collate
+from ..train.batches import batch_indices, forward_loss
+from ..train.evaluation import evaluate
+from ..train.setup import setup
+from ..train.step import train_step
 from .common import SNAPSHOTS, PathLike
 
 DEMO = ("model=tiny_bert", "trainer=debug", "data.max_length=32")
@@ -112,22 +115,17 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     with _quiet(quiet):
         run = setup(cfg, run_dir)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    train_data, pad_id = run.data["train"], run.tokenizer.pad_token_id or 0
+    train_data = run.data["train"]
     metric = run.task.metric
     done = {"steps": 0}
 
     def train_steps(n_steps: int, lam: float) -> None:
         run.model.train()
         for _ in range(n_steps):
-            batch = collate(train_data, batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed),
-                            pad_id, run.device)
-            loss, _ = forward_loss(run.model, batch, run.task)
-            extra = core.extra_loss(run.model)
-            run.optimizer.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            run.optimizer.step()
+            indices = batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed)
+            batch = collate(train_data, indices, run.pad_id, run.device)
             done["steps"] += 1
-            core.after_step(run.model, run.optimizer, done["steps"])
+            train_step(run.model, run.optimizer, lambda: forward_loss(run.model, batch, run.task)[0], done["steps"])
 
     stage = {"i": 0}
 
@@ -139,8 +137,11 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
         return {metric: scores[metric], **{k: v for k, v in scores.items() if k != metric}}
 
     torch.manual_seed(cfg.seed)
-    sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
-    save_adapter(run.model, run_dir / "adapter", modules=run.head_modules)
+    try:
+        sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
+        save_adapter(run.model, run_dir / "adapter", modules=run.mode.head_modules)
+    finally:
+        run.engine.end()
     return run_dir
 
 

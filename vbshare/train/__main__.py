@@ -1,5 +1,5 @@
-"""`python -m vbshare.train ...` — see vbshare/train/loop.py."""
-from .loop import main
+"""`python -m vbshare.train ...` — see vbshare/train/app.py."""
+from .app import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,132 @@
+"""`python -m vbshare.train [+adapter=lora|vblora|aslora|sora|...] [model=...] [data=...] [trainer=...] [logger=...]`
+
+The Hydra training app: compose the config (configs/ at the repo root), then setup -> train -> save.
+Data-parallel: `torchrun --nproc_per_node N -m vbshare.train ...` or `accelerate launch -m vbshare.train ...`.
+
+    run_training(cfg, run_dir)  the programmatic entry (Hydra's compose API, or the CLI below)
+    main()                      the console entry; bad input becomes one `error: ...` line and exit status 2
+
+The parts, each in its own module: setup.py (engine, task, model, optimiser), modes.py (adapter / full
+fine-tuning / head-only), engine.py (Accelerate: processes, precision, DDP/FSDP), loop.py (the steps),
+step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py, checkpoints.py (resume),
+outputs.py (metrics.jsonl, summary.json).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..files import atomic_write
+from ..errors import VBShareError
+from .loop import train
+from .outputs import save_outputs
+from .setup import setup
+
+log = logging.getLogger("vbshare.train")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # repo-root configs/ (editable install)
+USER_ERRORS = (VBShareError, HydraException, OmegaConfBaseException)  # reported as one line, no traceback
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """setup -> train -> save for a composed config; returns summary.json's content (None if stopped early,
+    and on every process but rank 0).
+
+    Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir)`.
+    """
+    started = time.perf_counter()
+    run = setup(cfg, Path(run_dir))
+    try:
+        if run.is_main:
+            atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
+        try:
+            if not train(run):
+                return None
+            run.rank_diff = run.engine.check_in_sync(run.optimizer, run.step)  # identical before rank 0 saves
+            return save_outputs(run, time.perf_counter() - started)
+        finally:
+            run.logger.finish({"best_" + k: v for k, v in (run.best or {}).items() if k != "split"})
+    finally:
+        run.engine.end()
+
+
+def objective(summary: dict[str, Any] | None) -> float | None:
+    """The value a tuning sweeper (sweep=optuna_lr) optimises: the final validation metric (the test split is
+    never used for tuning), else the final test metric for tasks without a validation split."""
+    if not summary:
+        return None
+    final = summary["final"]
+    scores = final.get("validation") or final.get("test") or {}
+    value = scores.get(summary["metric"])
+    return None if value is None else float(value)
+
+
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
+        exit_with(err)
+
+
+def exit_with(err: BaseException) -> None:
+    if os.environ.get("VBSHARE_DEBUG") == "1":
+        raise err
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(err: BaseException) -> str:
+    """A user-facing one-line message: a VBShareError in the cause chain wins; otherwise Hydra's / OmegaConf's
+    message with its lists folded ("options: a, b") and the config-search-path dump dropped."""
+    chain, seen = [], err
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for candidate in chain:
+        if isinstance(candidate, VBShareError):
+            return str(candidate)
+    texts = [str(chain[-1])] if type(err).__name__ == "InstantiationException" else [str(e) for e in chain[:2]]
+    parts: list[str] = []
+    for text in texts:
+        lines = [line.strip().rstrip(".") for line in text.split("Config search path")[0].splitlines()]
+        lines = [line for line in lines if line and not line.startswith(("full_key:", "object_type="))
+                 and "$FULL_KEY" not in line]
+        for i, line in enumerate(lines):
+            if line.endswith(":"):  # Hydra ends with a header and one item per line: fold them
+                parts.append(f"{line} {', '.join(lines[i + 1:])}")
+                break
+            parts.append(line)
+    return "; ".join(parts) or type(err).__name__
+
+
+def main() -> None:
+    """Console entry: Hydra app; bad input (composition errors, VBShareError) -> one 'error: ...' line, exit 2.
+
+    HYDRA_FULL_ERROR=1 (or VBSHARE_DEBUG=1) shows full tracebacks instead.
+    """
+    import hydra
+
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("VBSHARE_DEBUG") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach this function rather than Hydra's report
+    if not CONFIG_DIR.is_dir():
+        print(f"error: config folder {CONFIG_DIR} not found; vbshare.train needs the repository checkout "
+              "(pip install -e .)", file=sys.stderr)
+        sys.exit(2)
+    app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_hydra_main)
+    try:
+        app()
+    except USER_ERRORS as err:  # composition errors: unknown group option, typo'd key, missing value
+        if debug:
+            raise
+        exit_with(err)

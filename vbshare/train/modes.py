@@ -1,0 +1,206 @@
+"""The three kinds of run in one place: an adapter, full fine-tuning, or the task head alone.
+
+A `RunMode` says which weights train (`prepare`), how the optimiser groups them (`param_groups`), how they are
+checkpointed and restored (`save_weights` / `load_weights`) and what a finished run leaves behind
+(`save_outputs`). The rest of the app never asks which mode it runs, and never which adapter method: per-method
+outputs come from hooks on the adapter contract (`AdapterState.extra_saves`, `run_records()`,
+`sharing_pattern()`, `saved_form()`).
+
+    +adapter=lora|vblora|aslora|sora|...   AdapterMode   vbshare.inject; the head trains alongside
+    (no adapter) or +adapter=full          FullFinetune  every weight trains at optim.full_finetune_lr
+    +adapter=head_only                     HeadOnly      only model.head_modules train
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+import vbshare
+
+from ..files import atomic_torch_save, atomic_write
+from ..errors import VBShareError
+
+log = logging.getLogger("vbshare.train")
+
+FULL_FINETUNE = "full_finetune"  # `+adapter=full` (or no adapter): every weight trains
+HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_modules) trains
+# Keys of an adapter config that are not the method's hyperparameters (the summary's "hyperparameters"
+# lists the others): where it goes, learning rates, and what the comparison app reads (its Optuna search
+# space and the name of the size hyperparameter).
+NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr", "search", "size_key")
+NOT_INJECTED_KEYS = ("method", "lr", "search", "size_key")  # every other key is an argument of vbshare.inject
+ADAPTER = "adapter"  # the adapter folder (vbshare.save_adapter) in a checkpoint and in a finished run
+WEIGHTS = "weights.pt"  # full fine-tuning / head-only checkpoints: the trained weights by name
+HEAD_FILE = "head.safetensors"  # head-only: the trained head of a finished run, in adapter/
+
+
+def to_python(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def inject_arguments(adapter: DictConfig) -> dict[str, Any]:
+    """vbshare.inject's keyword arguments: targets / exclude / layers and every hyperparameter."""
+    return {k: v for k, v in to_python(adapter).items() if k not in NOT_INJECTED_KEYS}
+
+
+def hyperparameters(adapter: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_python(adapter).items() if k not in NON_HPARAM_KEYS}
+
+
+class RunMode:
+    """What trains in a run and what it leaves behind (the base class trains nothing by itself)."""
+
+    name = ""
+
+    def __init__(self, cfg: DictConfig, head_modules: list[str]):
+        self.cfg, self.head_modules = cfg, head_modules
+
+    def prepare(self, model: nn.Module) -> None:
+        """Set which weights train (and inject the adapter)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        """The trained weights, in the form training resumes from exactly, into a checkpoint folder."""
+        atomic_torch_save(self.trained_state(model), folder / WEIGHTS)
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(self.trained_state(model)) - set(weights):
+            raise VBShareError(f"the checkpoint in {folder} holds other weights than this run trains; "
+                               "resume with the same model and adapter settings")
+
+    def trained_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The trained weights under their full names."""
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k in trained}
+
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        """Write the run's trained weights; returns the summary's fields: method, hyperparameters,
+        trainable_parameters, head_parameters, stored_parameters, adapter_bytes, sharing."""
+        raise NotImplementedError
+
+    def train_heads(self, model: nn.Module) -> None:
+        for name in self.head_modules:
+            try:
+                model.get_submodule(name).requires_grad_(True)
+            except AttributeError:
+                raise VBShareError(f"the model has no module {name!r} to train as head; set model.head_modules") from None
+
+
+class AdapterMode(RunMode):
+    """A vbshare adapter (`+adapter=<method>`); the task head trains alongside it."""
+
+    def __init__(self, cfg: DictConfig, head_modules: list[str]):
+        super().__init__(cfg, head_modules)
+        self.name = cfg.adapter.method
+
+    def prepare(self, model: nn.Module) -> None:
+        vbshare.inject(model, self.name, **inject_arguments(self.cfg.adapter))
+        self.train_heads(model)  # inject froze everything
+        log.info("%s", str(vbshare.summary(model)).splitlines()[-1])
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return vbshare.param_groups(model, lr=to_python(self.cfg.adapter.lr), weight_decay=self.cfg.optim.weight_decay)
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        """Training form (`stored_form=False`): the adapter tensors, the method's metadata (e.g. ASLoRA's
+        tie-sets, SoRA's unpruned gates) and the head."""
+        vbshare.save_adapter(model, folder / ADAPTER, modules=self.head_modules, stored_form=False)
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        vbshare.load_adapter(model, folder / ADAPTER)  # metadata (e.g. tie-sets) first, then tensors and head
+        self.train_heads(model)
+
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
+        state = vbshare.state_of(model)
+        for folder, options in state.extra_saves.items():  # e.g. VB-LoRA's top-k form in adapter_topk/
+            vbshare.save_adapter(model, run_dir / folder, modules=self.head_modules, **options)
+        for file_name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history.jsonl
+            atomic_write(run_dir / file_name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        # the method's stored form (`saved_form`: SoRA writes its pruned LoRA)
+        vbshare.save_adapter(model, run_dir / ADAPTER, modules=self.head_modules)
+        adapter = self.cfg.adapter
+        return {
+            "method": self.name,
+            "hyperparameters": {"targets": to_python(adapter.targets), **hyperparameters(adapter),
+                                "lr": to_python(adapter.lr)},
+            "trainable_parameters": counted.trainable,
+            "head_parameters": counted.other_trainable,
+            "stored_parameters": counted.stored,
+            "adapter_bytes": counted.adapter_bytes,
+            "sharing": state.sharing_pattern(),
+        }
+
+
+class FullFinetune(RunMode):
+    """Every weight trains (no adapter, or `+adapter=full`): the upper baseline."""
+
+    name = FULL_FINETUNE
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.cfg.get("adapter") is None:
+            log.info("no adapter given: FULL FINE-TUNING baseline (every weight trains); "
+                     "add +adapter=lora|vblora|aslora|sora to train an adapter instead")
+        model.requires_grad_(True)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "full",
+                 "lr": self.cfg.optim.full_finetune_lr, "weight_decay": self.cfg.optim.weight_decay}]
+
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        model.save_pretrained(str(run_dir / "model"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"method": self.name, "hyperparameters": {"lr": self.cfg.optim.full_finetune_lr},
+                "trainable_parameters": trainable, "head_parameters": 0, "stored_parameters": trainable,
+                "adapter_bytes": None, "sharing": None}
+
+
+class HeadOnly(RunMode):
+    """Only the task head trains (`+adapter=head_only`): the lower baseline."""
+
+    name = HEAD_ONLY
+
+    def prepare(self, model: nn.Module) -> None:
+        if not self.head_modules:
+            raise VBShareError("adapter=head_only needs a task head: set model.head_modules (classification only)")
+        model.requires_grad_(False)
+        self.train_heads(model)
+        log.info("HEAD-ONLY baseline: only %s train (%d parameters)", ", ".join(self.head_modules),
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "head",
+                 "lr": float(to_python(self.cfg.adapter.lr)["head"]), "weight_decay": self.cfg.optim.weight_decay}]
+
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        head = {k: v.detach().cpu().contiguous() for k, v in self.trained_state(model).items()}
+        atomic_write(run_dir / ADAPTER / HEAD_FILE, safetensors.torch.save(head))
+        count = sum(v.numel() for v in head.values())
+        return {"method": self.name, "hyperparameters": {"lr": to_python(self.cfg.adapter.lr)},
+                "trainable_parameters": count, "head_parameters": count,
+                "stored_parameters": 0,  # no adapter: the head is reported separately (docs/methods.md §4)
+                "adapter_bytes": (run_dir / ADAPTER / HEAD_FILE).stat().st_size, "sharing": None}
+
+
+def run_mode(cfg: DictConfig, task_kind: str) -> RunMode:
+    """The mode `cfg.adapter` asks for; the task head (model.head_modules) trains only for classification."""
+    head_modules = list(cfg.model.head_modules) if task_kind == "classification" else []
+    adapter = cfg.get("adapter")
+    method = None if adapter is None else adapter.get("method")
+    if method in (None, FULL_FINETUNE):
+        return FullFinetune(cfg, head_modules)
+    if method == HEAD_ONLY:
+        return HeadOnly(cfg, head_modules)
+    return AdapterMode(cfg, head_modules)

@@ -1,0 +1,82 @@
+"""What a run writes into its directory besides checkpoints: metrics.jsonl (appended as training goes),
+the final evaluation, the run mode's trained weights and summary.json. Rank 0 alone writes."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..files import atomic_write
+from .evaluation import evaluate, format_scores
+
+if TYPE_CHECKING:
+    from .run import Run
+
+log = logging.getLogger("vbshare.train")
+
+BYTES_PER_MIB = 2**20
+KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
+
+
+def write_metrics(run: "Run", record: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl and mirror it to the logger (rank 0 only)."""
+    if not run.is_main:
+        return
+    run.history.append(record)
+    with (run.run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    prefix = record.get("split", "train")
+    run.logger.log({f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / BYTES_PER_MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
+
+
+def save_outputs(run: "Run", wall_seconds: float) -> dict[str, Any] | None:
+    """Final evaluation (every process takes part), then on rank 0 the trained weights and summary.json;
+    returns the summary (None on the other processes)."""
+    final = {split: evaluate(run, split) for split in run.eval_splits}
+    if not run.is_main:
+        return None
+    for split, scores in final.items():
+        write_metrics(run, {"step": run.step, "split": f"final_{split}", **scores})
+        log.info("final %s %s", split, format_scores(scores))
+    cfg, engine = run.cfg, run.engine
+    written = run.mode.save_outputs(run.model, run.run_dir)
+    summary = {
+        "method": written["method"],
+        "task": run.task.name,
+        "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
+        "hyperparameters": written["hyperparameters"],
+        "metric": run.task.metric,
+        "final": final,
+        "best": run.best,
+        "steps": run.step,
+        "trainable_parameters": written["trainable_parameters"],
+        "head_parameters": written["head_parameters"],
+        "stored_parameters": written["stored_parameters"],
+        "sharing": written["sharing"],
+        "adapter_bytes": written["adapter_bytes"],
+        "wall_time_s": round(wall_seconds, 3),
+        "train_time_s": round(run.train_seconds, 3),
+        "steps_per_s": round(run.step / max(run.train_seconds, 1e-9), 4),  # over every resumption's time
+        "peak_memory_mb": round(peak_memory_mb(engine.device), 1),
+        "device": str(engine.device),
+        "world_size": engine.num_processes,
+        "precision": engine.precision,
+        "grad_accum_steps": cfg.trainer.get("grad_accum_steps", 1),
+    }
+    if engine.distributed:
+        summary["distributed"] = {"world_size": engine.num_processes, "backend": engine.backend,
+                                  "strategy": engine.strategy, "max_param_diff_across_ranks": run.rank_diff}
+    atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    headline = final.get("test", final.get("validation", {})).get(run.task.metric)
+    log.info("done in %.1fs: %s %s=%s; files in %s", wall_seconds, summary["method"], run.task.metric,
+             None if headline is None else round(headline, 4), run.run_dir)
+    return summary

@@ -1,0 +1,54 @@
+"""`Run`: everything the loop carries between setup, train and save (built by `setup.setup`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..data.tasks import Encoded, Task
+from .engine import Engine
+from .modes import RunMode
+
+
+@dataclass
+class Run:
+    """Everything the loop carries between setup, train and save."""
+
+    cfg: DictConfig
+    run_dir: Path
+    task: Task
+    data: dict[str, Encoded]
+    model: nn.Module  # the model itself (adapters, hooks, evaluation, saving); engine.wrapped trains
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    engine: Engine
+    mode: RunMode
+    logger: Any
+    step: int = 0  # optimiser steps completed
+    best: dict[str, Any] | None = None  # {"step", "split", metric: value}
+    train_seconds: float = 0.0  # summed over resumptions
+    logger_id: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rank_diff: float | None = None  # data parallel: largest trained-value difference between processes at the end
+
+    @property
+    def is_main(self) -> bool:
+        return self.engine.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """Splits evaluated at the end: the task's, without test when trainer.eval_test is false."""
+        splits = self.task.eval_splits
+        return splits if self.cfg.trainer.get("eval_test", True) else [s for s in splits if s != "test"]

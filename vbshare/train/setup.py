@@ -1,0 +1,156 @@
+"""Everything a run needs before its first step: `setup(cfg, run_dir) -> Run`.
+
+In order: check the settings, start the engine (processes, device, precision), seed, build the task and the
+model, tokenise once, let the run mode choose what trains (inject the adapter), keep the trained tensors in
+fp32, turn on activation checkpointing, restore a checkpoint when resuming, wrap the model for data
+parallelism and build the optimiser (AdamW over the mode's parameter groups, each remembering its peak lr).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from ..data.tasks import Task, tokenize_task
+from ..errors import VBShareError
+from . import checkpoints
+from .engine import Engine
+from .loggers import NullLogger
+from .modes import RunMode, run_mode
+from .run import Run
+
+log = logging.getLogger("vbshare.train")
+
+DATA_ORDER_SEED_STRIDE = 1_000_003  # as in batches.py: seeds of process k > 0 start past every epoch's seed
+RANK_SEED_STRIDE = 7_919  # process k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
+LOAD_SLACK = 0.5  # load-average share not counted as a busy core by num_threads=auto
+
+
+def set_threads(setting: int | str | None) -> int:
+    """CPU threads for torch. "auto": the cores not already busy (cpu count minus the 1-minute load
+    average, at least 1) — oversubscribing a shared machine makes every step several times slower."""
+    if setting is None:
+        return torch.get_num_threads()
+    if setting == "auto":
+        busy = math.ceil(os.getloadavg()[0] - LOAD_SLACK)
+        setting = max(1, (os.cpu_count() or 1) - max(0, busy))
+    if not isinstance(setting, int) or setting < 1:
+        raise VBShareError(f"trainer.num_threads must be a positive integer, auto or null, got {setting!r}")
+    torch.set_num_threads(setting)
+    return setting
+
+
+def set_dropout(model: nn.Module, p: float | None) -> None:
+    """trainer.dropout: None keeps the model's own rates; a number sets every nn.Dropout's p (0 turns it off)."""
+    if p is None:
+        return
+    if not 0.0 <= float(p) < 1.0:
+        raise VBShareError(f"trainer.dropout must be null or in [0, 1), got {p!r}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+
+
+def keep_trained_in_fp32(model: nn.Module, precision: str) -> None:
+    """Trained tensors (and so their gradients and optimiser state) stay fp32 whatever the base's dtype
+    (`model.dtype`); autocast computes in the lower precision, which a lower-precision base therefore needs."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()
+              and not p.requires_grad and p.dtype != torch.float32}
+    if frozen and precision == "fp32":
+        raise VBShareError(f"the frozen weights are {', '.join(sorted(frozen))} (model.dtype) but trainer.precision=fp32 "
+                           "would feed their outputs to fp32 trained tensors; set trainer.precision=bf16 (or fp16 on GPU)")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward (transformers' own checkpointing,
+    non-reentrant, so frozen inputs and adapters inside the blocks need nothing special)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise VBShareError(f"trainer.activation_checkpointing=true needs a transformers model that supports gradient "
+                           f"checkpointing; {type(model).__name__} does not")
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+
+
+def check_batch(trainer: DictConfig, engine: Engine) -> None:
+    """The global batch must split evenly into processes × micro-batches."""
+    accum = trainer.get("grad_accum_steps", 1)
+    if not isinstance(accum, int) or accum < 1:
+        raise VBShareError(f"trainer.grad_accum_steps must be a positive integer, got {accum!r}")
+    if trainer.batch_size % (engine.num_processes * accum):
+        raise VBShareError(
+            f"trainer.batch_size={trainer.batch_size} (the global batch) must be divisible by the number of "
+            f"processes ({engine.num_processes}) times trainer.grad_accum_steps ({accum})")
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
+    t = cfg.trainer
+    resume_dir = Path(t.resume) if t.resume else None
+    if resume_dir is not None:
+        checkpoints.check_resumable(resume_dir, cfg)
+        if resume_dir.resolve() != Path(run_dir).resolve():
+            log.info("resuming the run in %s (its files are continued there)", resume_dir)
+        run_dir = resume_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    engine = Engine(t)
+    check_batch(t, engine)
+    if not engine.is_main:
+        logging.getLogger("vbshare").setLevel(logging.WARNING)  # rank 0 alone logs
+    if engine.distributed:
+        log.info("data-parallel (%s): %d processes (%s); global batch %d, %d per process per step",
+                 t.get("strategy", "ddp"), engine.num_processes, engine.backend, t.batch_size,
+                 t.batch_size // engine.num_processes)
+    threads = set_threads(t.num_threads) if engine.device.type == "cpu" else None
+    log.info("device %s%s, precision %s", engine.device, f" ({threads} threads)" if threads else "", engine.precision)
+    set_seed(cfg.seed)
+
+    task: Task = instantiate(cfg.data)
+    model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    set_dropout(model, t.get("dropout"))
+    data = tokenize_task(task, tokenizer, t.max_examples)
+    if len(data["train"]) < t.batch_size:
+        raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
+                           f"{t.batch_size}; use a smaller trainer.batch_size")
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in data.items())
+    log.info("task %s (%s, metric %s): %s %s", task.name, task.kind, task.metric, sizes,
+             "blocks" if task.kind == "lm" else "examples")
+
+    mode = run_mode(cfg, task.kind)
+    mode.prepare(model)
+    keep_trained_in_fp32(model, engine.precision)
+    if t.get("activation_checkpointing", False):
+        enable_activation_checkpointing(model)
+    saved_state = checkpoints.load_weights(run_dir, mode, model) if resume_dir is not None else None
+
+    engine.wrap(model)
+    optimizer = build_optimizer(cfg, mode, model)
+    logger = instantiate(cfg.logger) if engine.is_main else NullLogger()
+    run = Run(cfg, run_dir, task, data, model, tokenizer, engine.prepare_optimizer(optimizer), engine, mode, logger)
+    if saved_state is not None:
+        checkpoints.restore_trainer_state(run, saved_state)
+    if engine.process_index > 0:  # its own dropout stream (process 0 keeps the single-process one); init is done
+        torch.manual_seed(cfg.seed * DATA_ORDER_SEED_STRIDE + RANK_SEED_STRIDE * engine.process_index + run.step)
+    return run
+
+
+def build_optimizer(cfg: DictConfig, mode: RunMode, model: nn.Module) -> torch.optim.Optimizer:
+    """`optim.optimizer` (AdamW) over the mode's parameter groups; each group remembers its peak lr as
+    "base_lr", which the schedule scales every step."""
+    groups = mode.param_groups(model)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return instantiate(cfg.optim.optimizer)(groups)
