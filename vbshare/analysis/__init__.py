@@ -6,10 +6,11 @@ on `matplotlib.figure.Figure`, so no GUI backend is needed):
 * `vbshare.analysis.vblora`: bank-vector selections, usage counts, module similarity, drift along training.
 * `vbshare.analysis.aslora`: merge history, tie-sets, merge trees, B-distance matrices.
 * `vbshare.analysis.sora`: stage records, retained ranks per module, memorisation / generalisation trade-off.
+* `vbshare.analysis.tied_lora`: Tied-LoRA's per-layer scaling vectors u, v (norms, drift from init, heatmaps).
 * `vbshare.analysis.demo`: small runs for a notebook when it is given no run directory.
 """
-from . import aslora, common, sora, vblora
+from . import aslora, common, sora, tied_lora, vblora
 from .common import AdapterFolder, adapter_dir, list_snapshots, module_table, read_adapter, read_summary
 
 __all__ = ["AdapterFolder", "adapter_dir", "aslora", "common", "list_snapshots", "module_table", "read_adapter",
-           "read_summary", "sora", "vblora"]
+           "read_summary", "sora", "tied_lora", "vblora"]
