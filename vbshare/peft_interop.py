@@ -6,6 +6,10 @@ module names prefixed by `base_model.model.`:
     VB-LoRA: <name>.vblora_logits_A (r, in/b, h), <name>.vblora_logits_B (out/b, r, h),
              base_model.vblora_vector_bank (h, b); the top-k form replaces each logits tensor by
              `<key>_topk_indices` and `<key>_topk_weights`, exactly like vbshare's own top-k form.
+    VeRA:    <name>.vera_lambda_d (r), <name>.vera_lambda_b (out); the shared projections
+             base_model.vera_A (r, max_in) and base_model.vera_B (max_out, r) only when they are saved.
+    Uni-LoRA: base_model.unilora_theta_d (d); with save_indices also <name>.unilora_indices_A (r, in),
+             <name>.unilora_indices_B (out, r) (int64) and <name>.unilora_scales_A / _B (the per-entry c_j).
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
+from .adapters.unilora import theta_scales
 from .checkpoint import adapter_state_dict, atomic_write, freeze_adapter, load_adapter_tensors
 from .core import STATE_ATTR, adapters, inject, state_of
 from .errors import VBShareError
@@ -63,6 +69,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
         "task_type": None,
         "modules_to_save": None,
     }
+    if state.method in EXPORTERS:  # VeRA, Uni-LoRA: their block at the end of this file
+        config, renamed = EXPORTERS[state.method](state, layers, tensors, common)
+        return _write_folder(Path(directory), config, renamed)
     if state.method == "lora":
         cfg = state.config
         ranks = {name: a.lora_A.shape[0] for name, a in layers.items()}
@@ -89,7 +98,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
         renamed = {PEFT_BANK if k == f"{STATE_ATTR}.bank" else _rename(k, _VBLORA_KEYS): v for k, v in tensors.items()}
     else:
         raise VBShareError(
-            f"PEFT has no {state.method} adapter with the same maths; export covers lora, vblora and sora (as LoRA)"
+            f"PEFT has no {state.method} adapter with the same maths; export covers lora, vblora, vera, unilora "
+            "and sora (as LoRA)"
         )
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_FILE,
@@ -125,7 +135,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         return _import_lora(model, config, tensors)
     if peft_type == "VBLORA":
         return _import_vblora(model, config, tensors)
-    raise VBShareError(f"PEFT adapter type {peft_type!r} is not supported; vbshare imports LORA and VBLORA")
+    if peft_type in IMPORTERS:  # VeRA, Uni-LoRA: their block at the end of this file
+        return IMPORTERS[peft_type](model, config, tensors)
+    raise VBShareError(
+        f"PEFT adapter type {peft_type!r} is not supported; vbshare imports LORA, VBLORA, VERA and UNILORA")
 
 
 def _strip(key: str) -> str:
@@ -176,3 +189,144 @@ def _import_vblora(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     if topk_only:
         freeze_adapter(model)
     return model
+
+
+# ===================================================================== VeRA and Uni-LoRA (docs/methods.md §5, §8)
+# Both keep a model-wide shared tensor on `model.vbshare`; PEFT keeps it on its tuner (`base_model.`).
+PEFT_VERA_PROJECTIONS = {"base_model.vera_A": "projection_A", "base_model.vera_B": "projection_B"}
+PEFT_THETA = "base_model.unilora_theta_d"
+_VERA_KEYS = {"lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b"}
+_UNILORA_BUFFERS = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B")
+
+
+def _write_folder(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """The weights, then the JSON (so a folder with a config is complete), each written atomically."""
+    atomic_write(directory / WEIGHTS_FILE,
+                 safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    return directory
+
+
+def _export_vera(state: Any, layers: dict[str, nn.Module], tensors: dict[str, Tensor],
+                 common: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """λ_d, λ_b per module; the projections when saved (else PEFT draws the same ones from the seed)."""
+    cfg = state.config
+    config = {"peft_type": "VERA", **common, "r": cfg.r, "projection_prng_key": cfg.projection_seed,
+              "save_projection": cfg.save_projection, "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial}
+    ours_to_peft = {f"{STATE_ATTR}.{local}": key for key, local in PEFT_VERA_PROJECTIONS.items()}
+    renamed = {ours_to_peft[k] if k in ours_to_peft else _rename(k, _VERA_KEYS): v for k, v in tensors.items()}
+    return config, renamed
+
+
+def _export_unilora(state: Any, layers: dict[str, nn.Module], tensors: dict[str, Tensor],
+                    common: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """θ plus every module's indices and per-entry scales (save_indices), so PEFT does not regenerate them."""
+    cfg = state.config
+    config = {"peft_type": "UNILORA", **common, "r": cfg.r, "theta_d_length": cfg.theta_d_length,
+              "proj_seed": cfg.proj_seed, "unilora_dropout": cfg.dropout,
+              "init_theta_d_bound": cfg.init_theta_d_bound, "save_indices": True}
+    renamed = {PEFT_THETA: state.theta}
+    scale = state.theta_scale.float()  # (d,)
+    for name, adapter in layers.items():
+        for factor in ("A", "B"):
+            indices = getattr(adapter, f"indices_{factor}").long()  # (r, in) or (out, r)
+            renamed[f"{PEFT_PREFIX}{name}.unilora_indices_{factor}"] = indices
+            renamed[f"{PEFT_PREFIX}{name}.unilora_scales_{factor}"] = scale[indices]  # c_j of every entry
+    return config, renamed
+
+
+def _import_vera(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
+    ours: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key in PEFT_VERA_PROJECTIONS:
+            ours[f"{STATE_ATTR}.{PEFT_VERA_PROJECTIONS[key]}"] = value
+            continue
+        module, _, local = _strip(key).rpartition(".")
+        if local not in _VERA_KEYS.values():
+            raise VBShareError(f"unexpected tensor {key} in the PEFT VeRA adapter (a bias? vbshare imports bias='none')")
+        ours[f"{module}.{local.removeprefix('vera_')}"] = value
+    names = sorted({k.rpartition(".")[0] for k in ours if k.endswith(".lambda_d")})
+    if not names:
+        raise VBShareError("the PEFT VeRA adapter holds no vera_lambda_d tensors; is it a complete save?")
+    saved = f"{STATE_ATTR}.projection_A" in ours
+    inject(model, "vera", targets=names, r=config["r"], projection_seed=config.get("projection_prng_key", 0),
+           save_projection=saved, d_initial=config.get("d_initial", 0.1),
+           dropout=float(config.get("vera_dropout") or 0.0))
+    state = state_of(model)
+    for local in PEFT_VERA_PROJECTIONS.values():
+        key = f"{STATE_ATTR}.{local}"
+        if saved and ours[key].shape != getattr(state, local).shape:
+            raise VBShareError(
+                f"the PEFT VeRA {local} has shape {tuple(ours[key].shape)}, but r={config['r']} on these targets needs "
+                f"{tuple(getattr(state, local).shape)}; import into the base model the adapter was trained on")
+    load_adapter_tensors(model, ours, "the PEFT VeRA adapter")
+    return model
+
+
+def _import_unilora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
+    if PEFT_THETA not in tensors:
+        raise VBShareError(f"the PEFT Uni-LoRA adapter has no {PEFT_THETA}; is it a complete save?")
+    saved: dict[str, dict[str, Tensor]] = {}  # module -> {unilora_indices_A: ..., unilora_scales_A: ..., ...}
+    for key, value in tensors.items():
+        if key == PEFT_THETA:
+            continue
+        module, _, local = _strip(key).rpartition(".")
+        if local not in _UNILORA_BUFFERS:
+            raise VBShareError(f"unexpected tensor {key} in the PEFT Uni-LoRA adapter (a bias? vbshare imports bias='none')")
+        saved.setdefault(module, {})[local] = value
+    if saved:
+        targets: Any = sorted(saved)
+    else:
+        targets = config.get("target_modules")
+        if targets in (None, "all-linear") or config.get("layers_to_transform") is not None:
+            raise VBShareError(
+                "this PEFT Uni-LoRA adapter was saved without indices and with targets vbshare cannot match exactly "
+                f"(target_modules={targets!r}, layers_to_transform={config.get('layers_to_transform')!r}); "
+                "save it with save_indices=True")
+    hyper = dict(r=config["r"], theta_d_length=config["theta_d_length"], proj_seed=config.get("proj_seed", 42),
+                 init_theta_d_bound=config.get("init_theta_d_bound", 0.02),
+                 dropout=float(config.get("unilora_dropout") or 0.0))
+    inject(model, "unilora", targets=targets, save_indices=bool(saved), **hyper)
+    state = state_of(model)
+    theta = tensors[PEFT_THETA]
+    if theta.shape != state.theta.shape:
+        raise VBShareError(f"the PEFT theta_d has shape {tuple(theta.shape)} but theta_d_length is "
+                           f"{config['theta_d_length']}; the adapter folder is inconsistent")
+    ours = {f"{STATE_ATTR}.theta": theta}
+    if saved:
+        ours.update(_unilora_indices(state, adapters(model), saved))
+    load_adapter_tensors(model, ours, "the PEFT Uni-LoRA adapter")
+    return model
+
+
+def _unilora_indices(state: Any, layers: dict[str, nn.Module], saved: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Our tensors from PEFT's saved indices: every module's indices and the per-θ-entry scale recounted from
+    them, after checking shapes, the index range and that PEFT's per-entry scales are that scale."""
+    d = state.config.theta_d_length
+    found: dict[str, Tensor] = {}
+    for name, adapter in layers.items():
+        for factor in ("A", "B"):
+            key = f"unilora_indices_{factor}"
+            indices = saved.get(name, {}).get(key)
+            expected = tuple(getattr(adapter, f"indices_{factor}").shape)
+            if indices is None or tuple(indices.shape) != expected:
+                raise VBShareError(f"the PEFT Uni-LoRA {key} of {name} is missing or not of shape {expected}; "
+                                   "import into the base model the adapter was trained on")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= d):
+                raise VBShareError(f"the PEFT Uni-LoRA {key} of {name} points outside theta_d (length {d})")
+            found[f"{name}.indices_{factor}"] = indices
+    scale = theta_scales(torch.cat([i.reshape(-1) for i in found.values()]), d)  # (d,)
+    for name in layers:
+        for factor in ("A", "B"):
+            theirs = saved[name].get(f"unilora_scales_{factor}")
+            ours = scale[found[f"{name}.indices_{factor}"].long()]
+            if theirs is None or not torch.allclose(theirs.float(), ours.to(theirs.dtype).float(), rtol=1e-6, atol=0):
+                raise VBShareError(f"the PEFT Uni-LoRA unilora_scales_{factor} of {name} are missing or not "
+                                   "1/sqrt(uses) of their theta entries; vbshare imports only that normalisation")
+    found[f"{STATE_ATTR}.theta_scale"] = scale
+    return found
+
+
+# method -> its export function; PEFT type -> its import function
+EXPORTERS = {"vera": _export_vera, "unilora": _export_unilora}
+IMPORTERS = {"VERA": _import_vera, "UNILORA": _import_unilora}
