@@ -78,9 +78,20 @@ def theta_scales(assignment: Tensor, theta_length: int) -> Tensor:
     return torch.where(uses > 0, uses.clamp(min=1).rsqrt(), torch.zeros_like(uses))
 
 
-def factor_sizes(targets: dict[str, tuple[int, int]], r: int) -> list[tuple[str, int, int]]:
-    """(module, entries of A = r·in, entries of B = out·r) in flattening order."""
-    return [(name, r * in_features, out_features * r) for name, (out_features, in_features) in targets.items()]
+def build_index_map(targets: dict[str, tuple[int, int]], r: int, theta_length: int,
+                    seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """module -> (idx_A (r, in), idx_B (out, r)) int64: the balanced assignment over all D = Σ r·(in + out)
+    entries of `targets` (module -> (out, in)), cut in flattening order (modules in order, A before B)."""
+    sizes = [(name, r * in_features, out_features * r) for name, (out_features, in_features) in targets.items()]
+    assignment = balanced_assignment(sum(a + b for _, a, b in sizes), theta_length, seed)  # (D,)
+    found, offset = {}, 0
+    for name, size_A, size_B in sizes:
+        out_features, in_features = targets[name]
+        idx_A = assignment[offset: offset + size_A].view(r, in_features)  # (r, in)
+        idx_B = assignment[offset + size_A: offset + size_A + size_B].view(out_features, r)  # (out, r)
+        found[name] = (idx_A, idx_B)
+        offset += size_A + size_B
+    return found
 
 
 class UniLoRAState(AdapterState):
@@ -92,21 +103,15 @@ class UniLoRAState(AdapterState):
     def __init__(self, method: str, config: UniLoRAConfig, targets: dict[str, tuple[int, int]]):
         super().__init__(method, config, targets)
         d = config.theta_d_length
-        sizes = factor_sizes(targets, config.r)
-        self.entries = sum(a + b for _, a, b in sizes)  # D
-        assignment = balanced_assignment(self.entries, d, config.proj_seed)  # (D,)
+        indices = build_index_map(targets, config.r, d, config.proj_seed)
+        self.entries = sum(a.numel() + b.numel() for a, b in indices.values())  # D
         self.theta = nn.Parameter(torch.empty(d))  # (d,)
         nn.init.uniform_(self.theta, -config.init_theta_d_bound, config.init_theta_d_bound)
-        self.register_buffer("theta_scale", theta_scales(assignment, d).to(torch.get_default_dtype()),
+        every = torch.cat([i.reshape(-1) for pair in indices.values() for i in pair])  # (D,)
+        self.register_buffer("theta_scale", theta_scales(every, d).to(torch.get_default_dtype()),
                              persistent=config.save_indices)  # (d,)
-        self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # module -> (idx_A, idx_B) until it takes them
-        offset = 0
-        for name, size_A, size_B in sizes:
-            out_features, in_features = targets[name]
-            idx_A = assignment[offset: offset + size_A].view(config.r, in_features)  # (r, in)
-            idx_B = assignment[offset + size_A: offset + size_A + size_B].view(out_features, config.r)  # (out, r)
-            self._pending[name] = (idx_A.to(INDEX_DTYPE), idx_B.to(INDEX_DTYPE))
-            offset += size_A + size_B
+        # module -> (idx_A, idx_B) until the module takes them
+        self._pending = {name: (a.to(INDEX_DTYPE), b.to(INDEX_DTYPE)) for name, (a, b) in indices.items()}
 
     def take_indices(self, name: str) -> tuple[Tensor, Tensor]:
         """The (idx_A (r, in), idx_B (out, r)) of module `name`, handed out once."""
