@@ -53,7 +53,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
     """Write the model's adapter as a PEFT folder that `peft.PeftModel.from_pretrained(base, dir)` loads.
 
     LoRA (including per-module ranks from `rank_pattern`) and VB-LoRA (full or `topk_only`) are supported,
-    and SoRA through its stored form (the pruned LoRA).
+    and SoRA through its stored form (the pruned LoRA); VeRA and Uni-LoRA (with its indices) are written by
+    their own block at the end of this file.
     """
     model = state_of(model).saved_form(model)
     state = state_of(model)
@@ -121,7 +122,7 @@ def _peft_pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Inject and load a PEFT LoRA or VB-LoRA adapter folder into a plain base model (in place)."""
+    """Inject and load a PEFT LoRA, VB-LoRA, VeRA or Uni-LoRA adapter folder into a plain base model (in place)."""
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())

@@ -87,7 +87,7 @@ class VeRA(LowRankAdapter):
     config_class = VeRAConfig
     state_class = VeRAState
     roles = {"lambda_d": "vectors", "lambda_b": "vectors"}
-    decay_free_roles = frozenset({"vectors"})  # decay would pull λ_d away from its scale, not towards a prior
+    decay_free_roles = frozenset({"vectors"})  # the vectors ARE the adapter: decay would shrink every ΔW to 0
 
     def __init__(self, base_layer: nn.Module, name: str, config: VeRAConfig, state: VeRAState):
         super().__init__(base_layer, name, config, state)
