@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -188,6 +189,56 @@ def nola_stored(model) -> float:
     return len(model.vbshare.targets) * (k + l)
 
 
+def vera_reference(adapter) -> torch.Tensor:
+    """Draw the shared projections again from the seed (U(−√(6/fan_in), √(6/fan_in)), A (r, max_in) first, then
+    B (max_out, r), one CPU generator), slice them to the module and sum the rank-one terms
+    λ_d[i] · (λ_b ⊙ B[:out, i]) A[i, :in] one by one (docs/methods.md §5)."""
+    config = adapter.state.config
+    max_out = max(shape[0] for shape in adapter.state.targets.values())
+    max_in = max(shape[1] for shape in adapter.state.targets.values())
+    generator = torch.Generator().manual_seed(config.projection_seed)
+    A = torch.empty(config.r, max_in).uniform_(-(6 / max_in) ** 0.5, (6 / max_in) ** 0.5, generator=generator)
+    B = torch.empty(max_out, config.r).uniform_(-(6 / config.r) ** 0.5, (6 / config.r) ** 0.5, generator=generator)
+    A, B = A.double()[:, : adapter.in_features], B.double()[: adapter.out_features]  # (r, in), (out, r)
+    lambda_d, lambda_b = adapter.lambda_d.detach().double(), adapter.lambda_b.detach().double()  # (r,), (out,)
+    delta = torch.zeros(adapter.out_features, adapter.in_features, dtype=torch.float64)
+    for i in range(config.r):
+        delta += lambda_d[i] * torch.outer(lambda_b * B[:, i], A[i])
+    return delta
+
+
+def unilora_reference(adapter) -> torch.Tensor:
+    """Count, over every module's index maps, how many factor entries read each θ entry (checking the balance
+    ⌊D/d⌋ / ⌈D/d⌉), then fill A and B entry by entry with θ[idx] / √count (docs/methods.md §8)."""
+    state = adapter.state
+    d = state.config.theta_d_length
+    every_index = [int(i) for a in state.adapters().values() for m in (a.indices_A, a.indices_B) for i in m.reshape(-1)]
+    uses = Counter(every_index)
+    total = len(every_index)
+    assert set(uses.values()) <= {total // d, -(-total // d)}, "the index assignment is not balanced"
+    theta = state.theta.detach().double()
+
+    def fill(indices: torch.Tensor) -> torch.Tensor:
+        rows = [[theta[int(k)] / uses[int(k)] ** 0.5 for k in row] for row in indices]
+        return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+
+    A, B = fill(adapter.indices_A), fill(adapter.indices_B)  # (r, in), (out, r)
+    return B @ A
+
+
+def vera_stored(model) -> float:
+    """Σ (out + r) over modules: λ_b and λ_d; the projections are rebuilt from the seed (save_projection off)."""
+    state = model.vbshare
+    assert not state.config.save_projection, "this formula counts the projections as rebuilt, not saved"
+    return sum(out + state.config.r for out, _ in state.targets.values())
+
+
+def unilora_stored(model) -> float:
+    """d: the one trained vector θ; the indices and scales are rebuilt from proj_seed (save_indices off)."""
+    config = model.vbshare.config
+    assert not config.save_indices, "this formula counts the indices as rebuilt, not saved"
+    return config.theta_d_length
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference, lora_stored),
     "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference,
@@ -201,4 +252,12 @@ CASES: dict[str, Case] = {
     "tied_lora": Case("tied_lora", {"r": 4, "alpha": 8}, tied_lora_reference, tied_lora_stored),
     # k != l so a swap of the two coefficient vectors or basis sets cannot go unnoticed
     "nola": Case("nola", {"r": 4, "alpha": 8, "num_basis_a": 16, "num_basis_b": 12}, nola_reference, nola_stored),
+        # unequal target shapes in both models, so every module reads its own slice of the shared projections;
+    # d_initial 1: the matrix loss (mean square of a LayerNorm output) gives λ_b gradients near Adam's eps at 0.1
+    "vera": Case("vera", {"r": 8, "projection_seed": 3, "d_initial": 1.0}, vera_reference,
+                 vera_stored),
+    # D = Σ r(in + out) is not a multiple of d (each θ entry read once or twice), so the balanced assignment's
+    # extra reads are exercised; the wider init moves BERT's LayerNorm'd output measurably in 3 steps
+    "unilora": Case("unilora", {"r": 2, "theta_d_length": 1000, "proj_seed": 5, "init_theta_d_bound": 0.1},
+                    unilora_reference, unilora_stored),
 }

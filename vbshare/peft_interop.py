@@ -6,6 +6,10 @@ module names prefixed by `base_model.model.`:
     VB-LoRA: <name>.vblora_logits_A (r, in/b, h), <name>.vblora_logits_B (out/b, r, h),
              base_model.vblora_vector_bank (h, b); the top-k form replaces each logits tensor by
              `<key>_topk_indices` and `<key>_topk_weights`, exactly like vbshare's own top-k form.
+    VeRA:    <name>.vera_lambda_d (r), <name>.vera_lambda_b (out); the shared projections
+             base_model.vera_A (r, max_in) and base_model.vera_B (max_out, r) only when they are saved.
+    Uni-LoRA: base_model.unilora_theta_d (d); with save_indices also <name>.unilora_indices_A (r, in),
+             <name>.unilora_indices_B (out, r) (int64) and <name>.unilora_scales_A / _B (the per-entry c_j).
     Modules trained beside the adapter (`modules_to_save`, a task head): <name>.<tensor> as in the model.
 
 Export writes a method in PEFT's own type where PEFT has one (`PEFT_TYPES`, the one table here that maps vbshare
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import STATE_ATTR, adapters, state_of
+from .adapters.unilora import theta_scales
 from .checkpoint import serialise
 from .core import freeze_adapter, head_modules, inject, load_adapter_tensors, module_tensors, stored_tensors
 from .errors import VBShareError
@@ -165,10 +170,143 @@ def _import_vblora(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     return model
 
 
+# -- VeRA and Uni-LoRA (docs/methods.md §5, §8) ----------------------------------------------------------
+# Both keep a model-wide shared tensor on `model.vbshare`; PEFT keeps it on its tuner (`base_model.`).
+PEFT_VERA_PROJECTIONS = {"base_model.vera_A": "projection_A", "base_model.vera_B": "projection_B"}
+PEFT_THETA = "base_model.unilora_theta_d"
+_VERA_KEYS = {"lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b"}
+_UNILORA_BUFFERS = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B")
+
+
+def _export_vera(model: nn.Module, topk_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """λ_d, λ_b per module; the projections when saved (else PEFT draws the same ones from the seed)."""
+    if topk_only:
+        raise VBShareError("VeRA has no top-k form; drop topk_only=True")
+    cfg = state_of(model).config
+    config = {"r": cfg.r, "projection_prng_key": cfg.projection_seed, "save_projection": cfg.save_projection,
+              "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial}
+    ours_to_peft = {f"{STATE_ATTR}.{local}": key for key, local in PEFT_VERA_PROJECTIONS.items()}
+    tensors = stored_tensors(model, stored_form=False)
+    renamed = {ours_to_peft[k] if k in ours_to_peft else _rename(k, _VERA_KEYS): v for k, v in tensors.items()}
+    return config, renamed
+
+
+def _export_unilora(model: nn.Module, topk_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """θ plus every module's indices and per-entry scales (save_indices), so PEFT does not regenerate them."""
+    if topk_only:
+        raise VBShareError("Uni-LoRA has no top-k form; drop topk_only=True")
+    state = state_of(model)
+    cfg = state.config
+    config = {"r": cfg.r, "theta_d_length": cfg.theta_d_length, "proj_seed": cfg.proj_seed,
+              "unilora_dropout": cfg.dropout, "init_theta_d_bound": cfg.init_theta_d_bound, "save_indices": True}
+    renamed = {PEFT_THETA: state.theta.detach()}
+    scale = state.theta_scale.float()  # (d,)
+    for name, adapter in adapters(model).items():
+        for factor in ("A", "B"):
+            indices = getattr(adapter, f"indices_{factor}").long()  # (r, in) or (out, r)
+            renamed[f"{PEFT_PREFIX}{name}.unilora_indices_{factor}"] = indices
+            renamed[f"{PEFT_PREFIX}{name}.unilora_scales_{factor}"] = scale[indices]  # c_j of every entry
+    return config, renamed
+
+
+def _import_vera(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
+    ours: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key in PEFT_VERA_PROJECTIONS:
+            ours[f"{STATE_ATTR}.{PEFT_VERA_PROJECTIONS[key]}"] = value
+            continue
+        module, _, local = _strip(key).rpartition(".")
+        if local not in _VERA_KEYS.values():
+            raise VBShareError(f"unexpected tensor {key} in the PEFT VeRA adapter (a bias? vbshare imports bias='none')")
+        ours[f"{module}.{local.removeprefix('vera_')}"] = value
+    names = sorted({k.rpartition(".")[0] for k in ours if k.endswith(".lambda_d")})
+    if not names:
+        raise VBShareError("the PEFT VeRA adapter holds no vera_lambda_d tensors; is it a complete save?")
+    saved = f"{STATE_ATTR}.projection_A" in ours
+    inject(model, "vera", targets=names, r=config["r"], projection_seed=config.get("projection_prng_key", 0),
+           save_projection=saved, d_initial=config.get("d_initial", 0.1),
+           dropout=float(config.get("vera_dropout") or 0.0))
+    state = state_of(model)
+    for local in PEFT_VERA_PROJECTIONS.values():
+        key = f"{STATE_ATTR}.{local}"
+        if saved and ours[key].shape != getattr(state, local).shape:
+            raise VBShareError(
+                f"the PEFT VeRA {local} has shape {tuple(ours[key].shape)}, but r={config['r']} on these targets needs "
+                f"{tuple(getattr(state, local).shape)}; import into the base model the adapter was trained on")
+    load_adapter_tensors(model, ours, "the PEFT VeRA adapter")
+    return model
+
+
+def _import_unilora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
+    if PEFT_THETA not in tensors:
+        raise VBShareError(f"the PEFT Uni-LoRA adapter has no {PEFT_THETA}; is it a complete save?")
+    saved: dict[str, dict[str, Tensor]] = {}  # module -> {unilora_indices_A: ..., unilora_scales_A: ..., ...}
+    for key, value in tensors.items():
+        if key == PEFT_THETA:
+            continue
+        module, _, local = _strip(key).rpartition(".")
+        if local not in _UNILORA_BUFFERS:
+            raise VBShareError(f"unexpected tensor {key} in the PEFT Uni-LoRA adapter (a bias? vbshare imports bias='none')")
+        saved.setdefault(module, {})[local] = value
+    if saved:
+        targets: Any = sorted(saved)
+    else:
+        targets = config.get("target_modules")
+        if targets in (None, "all-linear") or config.get("layers_to_transform") is not None:
+            raise VBShareError(
+                "this PEFT Uni-LoRA adapter was saved without indices and with targets vbshare cannot match exactly "
+                f"(target_modules={targets!r}, layers_to_transform={config.get('layers_to_transform')!r}); "
+                "save it with save_indices=True")
+    hyper = dict(r=config["r"], theta_d_length=config["theta_d_length"], proj_seed=config.get("proj_seed", 42),
+                 init_theta_d_bound=config.get("init_theta_d_bound", 0.02),
+                 dropout=float(config.get("unilora_dropout") or 0.0))
+    inject(model, "unilora", targets=targets, save_indices=bool(saved), **hyper)
+    state = state_of(model)
+    theta = tensors[PEFT_THETA]
+    if theta.shape != state.theta.shape:
+        raise VBShareError(f"the PEFT theta_d has shape {tuple(theta.shape)} but theta_d_length is "
+                           f"{config['theta_d_length']}; the adapter folder is inconsistent")
+    ours = {f"{STATE_ATTR}.theta": theta}
+    if saved:
+        ours.update(_unilora_indices(state, adapters(model), saved))
+    load_adapter_tensors(model, ours, "the PEFT Uni-LoRA adapter")
+    return model
+
+
+def _unilora_indices(state: Any, layers: dict[str, nn.Module], saved: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Our tensors from PEFT's saved indices: every module's indices and the per-θ-entry scale recounted from
+    them, after checking shapes, the index range and that PEFT's per-entry scales are that scale."""
+    d = state.config.theta_d_length
+    found: dict[str, Tensor] = {}
+    for name, adapter in layers.items():
+        for factor in ("A", "B"):
+            key = f"unilora_indices_{factor}"
+            indices = saved.get(name, {}).get(key)
+            expected = tuple(getattr(adapter, f"indices_{factor}").shape)
+            if indices is None or tuple(indices.shape) != expected:
+                raise VBShareError(f"the PEFT Uni-LoRA {key} of {name} is missing or not of shape {expected}; "
+                                   "import into the base model the adapter was trained on")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= d):
+                raise VBShareError(f"the PEFT Uni-LoRA {key} of {name} points outside theta_d (length {d})")
+            found[f"{name}.indices_{factor}"] = indices
+    scale = theta_scales(torch.cat([i.reshape(-1) for i in found.values()]), d)  # (d,)
+    for name in layers:
+        for factor in ("A", "B"):
+            theirs = saved[name].get(f"unilora_scales_{factor}")
+            ours = scale[found[f"{name}.indices_{factor}"].long()]
+            if theirs is None or not torch.allclose(theirs.float(), ours.to(theirs.dtype).float(), rtol=1e-6, atol=0):
+                raise VBShareError(f"the PEFT Uni-LoRA unilora_scales_{factor} of {name} are missing or not "
+                                   "1/sqrt(uses) of their theta entries; vbshare imports only that normalisation")
+    found[f"{STATE_ATTR}.theta_scale"] = scale
+    return found
+
+
 # vbshare method -> PEFT's own type for it. SoRA needs no entry: its stored form is a (pruned) LoRA.
 PEFT_TYPES: dict[str, PeftType] = {
     "lora": PeftType("LORA", _export_plain_lora, _import_lora),
     "vblora": PeftType("VBLORA", _export_vblora, _import_vblora),
+    "vera": PeftType("VERA", _export_vera, _import_vera),
+    "unilora": PeftType("UNILORA", _export_unilora, _import_unilora),
 }
 PLAIN_LORA = PEFT_TYPES["lora"]
 

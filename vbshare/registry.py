@@ -16,7 +16,9 @@ from .adapters.lora import LoRA
 from .adapters.nola import NOLA
 from .adapters.sora import SoRA
 from .adapters.tied_lora import TiedLoRA
+from .adapters.unilora import UniLoRA
 from .adapters.vblora import VBLoRA
+from .adapters.vera import VeRA
 from .errors import VBShareError
 
 METHODS: dict[str, type[LowRankAdapter]] = {}  # name -> adapter class, in registration order
@@ -68,3 +70,5 @@ register("aslora", ASLoRA)
 register("sora", SoRA)
 register("tied_lora", TiedLoRA)
 register("nola", NOLA)
+register("vera", VeRA)
+register("unilora", UniLoRA)
