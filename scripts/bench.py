@@ -369,6 +369,7 @@ def bench_engine(args, device: torch.device, progress, notes: list[str]) -> dict
 
     base, _ = smollm2_135m("lm")
     base = base.to(device)
+    base.config.use_cache = False  # training: no key/value cache (checkpointing would switch it off anyway)
     for p in base.parameters():
         p.requires_grad_(False)
     vocab = base.config.vocab_size
