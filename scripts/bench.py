@@ -23,7 +23,7 @@ engine     The training app's paths on SmolLM2-135M (causal LM, the embedded mod
            before the step, plus the adapter's weight and AdamW moments; large allocations are mmap'ed so freed
            tensors leave the resident set. CPU bf16 timings do not predict GPU ones.
 
-    python scripts/bench.py --quick --threads 1            # a few minutes on CPU: small shapes, 3 rounds
+    python scripts/bench.py --quick --threads 1            # CPU: small shapes, 3 rounds; 5-10 min, mostly compiling
     python scripts/bench.py --device cuda --repeats 20     # the full bench on a GPU
     python scripts/bench.py --parts inference --models bert-base --batch-sizes 1 --inference-repeats 30
     python scripts/bench.py --parts engine --engine-configs fp32,bf16,bf16+ckpt+compile
