@@ -384,11 +384,13 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
     texts = []
     for method, group in positive.groupby("method", sort=False):
         group = group.sort_values("stored_params")
+        sized = len(group) > 1 and group["size_key"].nunique() == 1 and group["size"].map(_format).is_unique
+        name = f"{method} ({group['size_key'].iloc[0]})" if sized else str(method)
         ax.errorbar(group["stored_params"], group["metric_mean"], yerr=_ci_errors(group), fmt="o-", capsize=3,
-                    color=colours[method], label=method)
-        if len(group) > 1:  # the legend names the method; each point says its size
+                    color=colours[method], label=name)
+        if len(group) > 1:  # the legend names the method (and its size knob); each point says its size
             for _, row in group.iterrows():
-                text = row["label"][len(str(method)):].strip() or row["label"]
+                text = _format(row["size"]) if sized else row["label"][len(str(method)):].strip()
                 texts.append(ax.annotate(text, (row["stored_params"], row["metric_mean"]), textcoords="offset points",
                                          xytext=(5, 4), fontsize=7, color=colours[method]))
     if len(positive):
