@@ -40,8 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import report
@@ -101,8 +104,6 @@ def hydra_value(value: Any) -> str:
 def base_overrides(cfg: DictConfig) -> list[str]:
     """The overrides every run gets: this app's group choices, then its own key=value overrides except
     compare.*, hydra.* and seed (set per stage)."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     forwarded = [f"{group}={hydra_cfg.runtime.choices[group]}" for group in GROUPS]
     for item in hydra_cfg.overrides.task:
@@ -118,8 +119,6 @@ def base_overrides(cfg: DictConfig) -> list[str]:
 
 def adapter_config(method: str, overrides: list[str]) -> DictConfig:
     """configs/adapter/<method>.yaml composed as the train app would (defaults and interpolations applied)."""
-    from hydra import compose
-
     return compose("train", overrides=[*overrides, f"+adapter={method}"]).adapter
 
 
@@ -206,8 +205,6 @@ class Runner:
                                "fix it and run the comparison again to continue")
 
     def _in_process(self, overrides: list[str], run_dir: Path) -> None:
-        from hydra import compose
-
         train_log = logging.getLogger("vbshare.train")
         level = train_log.level
         train_log.setLevel(logging.WARNING)  # the progress bar speaks for the runs
@@ -308,8 +305,9 @@ def write_trials(trials: list[Trial], path: Path) -> None:
     writer.writerow(["point", "method", "size_key", "size", "trial", "metric", "validation_score", "best",
                      "run_dir", *keys])
     for t in trials:
-        writer.writerow([t.point.name, t.point.method, t.point.size_key or "", "" if t.point.size is None else t.point.size,
-                         t.number, t.metric, repr(t.score), t.best, str(t.run_dir), *(t.params.get(k, "") for k in keys)])
+        size = "" if t.point.size is None else t.point.size
+        writer.writerow([t.point.name, t.point.method, t.point.size_key or "", size, t.number, t.metric, repr(t.score),
+                         t.best, str(t.run_dir), *(t.params.get(k, "") for k in keys)])
     atomic_write(path, buffer.getvalue().encode())
 
 
@@ -369,8 +367,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry; bad input -> one 'error: ...' line and exit 2 (HYDRA_FULL_ERROR=1 shows tracebacks)."""
-    import hydra
-
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("VBSHARE_DEBUG") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach this function rather than Hydra's report
     optuna.logging.set_verbosity(optuna.logging.WARNING)
