@@ -1,4 +1,5 @@
-"""vbshare.report on hand-made run directories: known means, standard deviations, % of LoRA, Pareto front."""
+"""vbshare.report on hand-made run directories: means, 95 % t-intervals and paired t-tests checked against values
+worked out by hand; tasks and metrics never mixed; labels, order and the written files."""
 from __future__ import annotations
 
 import json
@@ -9,71 +10,148 @@ import pytest
 import yaml
 
 from vbshare import report
+from vbshare.errors import VBShareError
 
 
-def make_run(root: Path, name: str, method: str, seed: int, accuracy: float, stored: float,
+def make_run(root: Path, name: str, method: str, seed: int, score: float, stored: float,
              hyper: dict | None = None, wall: float = 10.0, adapter_bytes: int | None = 1000,
-             sharing: dict | None = None) -> Path:
+             sharing: dict | None = None, task: str = "bbc_news", metric: str = "accuracy",
+             size_key: str | None = None, curve: list[tuple[int, float]] = ()) -> Path:
     run = root / name
     run.mkdir(parents=True)
     summary = {
-        "method": method, "task": "bbc_news", "model": "minilm", "metric": "accuracy",
+        "method": method, "task": task, "model": "minilm", "metric": metric,
         "hyperparameters": {"targets": ["query"], **(hyper or {})},
-        "final": {"validation": {"accuracy": accuracy - 0.01}, "test": {"accuracy": accuracy}},
+        "final": {"validation": {metric: score - 0.01}, "test": {metric: score}},
         "best": None, "steps": 300, "trainable_parameters": int(stored) + 5, "head_parameters": 5,
         "stored_parameters": stored, "sharing": sharing, "adapter_bytes": adapter_bytes,
-        "wall_time_s": wall,
+        "wall_time_s": wall, "peak_memory_mb": 500.0 + seed,
     }
     (run / "summary.json").write_text(json.dumps(summary))
     config = {"seed": seed, "trainer": {"max_steps": 300, "batch_size": 16, "max_examples": None},
-              "data": {"_target_": "vbshare.data.tasks.bbc_news", "seed": 0, "max_length": 64},
-              "optim": {"full_finetune_lr": 1e-4}}
+              "data": {"_target_": "vbshare.data.tasks.bbc_news", "seed": 0, "max_length": 64,
+                       "train_subset_seed": seed},  # follows the run seed: must not split the configuration
+              "optim": {"full_finetune_lr": 1e-4},
+              "adapter": {"method": method, **({"size_key": size_key} if size_key else {})}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": step, "split": "validation", metric: value} for step, value in curve]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
+
+
+# Hand computation (no scipy): t quantiles from the closed forms of Student's t with 1 and 2 degrees of freedom,
+#   df=1 (Cauchy):  t_{0.975} = tan(pi * (0.975 - 0.5)) = 12.706205,   two-sided p(t) = 1 - (2/pi) * atan(|t|)
+#   df=2:           t_{0.975} = (2*0.975 - 1) * sqrt(2 / (4*0.975*0.025)) = 4.302653,   p(t) = 1 - |t| / sqrt(t^2 + 2)
+T975_DF2, T975_DF1 = 4.302653, 12.706205
+# lora (control), seeds 0,1,2: 0.88 0.91 0.90 -> mean 0.896667, deviations (-5, 4, 1)/300, SS = 42/90000,
+#   std = sqrt(SS/2) = 0.0152753, half-width = 4.302653 * 0.0152753 / sqrt(3) = 0.0379460
+# vblora, seeds 0,1,2: 0.90 0.92 0.94 -> mean 0.92, std 0.02, half-width = 4.302653 * 0.02 / sqrt(3) = 0.0496828
+#   paired differences vs lora (0.02, 0.01, 0.04): mean 7/300, sd sqrt(7/3)/100, t = sqrt(7) = 2.6457513,
+#   p = 1 - sqrt(7)/3 = 0.1180829
+# sora, seeds 0,1: 0.85 0.87 -> mean 0.86, std 0.0141421, half-width = 12.706205 * 0.0141421 / sqrt(2) = 0.1270621
+#   paired differences vs lora seeds 0,1 (-0.03, -0.04): mean -0.035, sd 0.0070711, t = -7,
+#   p = 1 - (2/pi) atan(7) = 0.0903344
+LORA = [0.88, 0.91, 0.90]
+VBLORA = [0.90, 0.92, 0.94]
+SORA = [0.85, 0.87]
 
 
 @pytest.fixture
 def runs_root(tmp_path):
     root = tmp_path / "sweep"
-    for seed, acc in enumerate([0.90, 0.92, 0.94]):
-        make_run(root, f"lora_{seed}", "lora", seed, acc, 1000.0, {"r": 8, "lr": {"A": 1e-3}}, wall=10 + seed)
-    for seed, acc in enumerate([0.91, 0.93]):
-        make_run(root, f"vblora_{seed}", "vblora", seed, acc, 50.0, {"r": 4, "num_vectors": 64})
-    make_run(root, "vblora_big", "vblora", 0, 0.80, 80.0, {"r": 4, "num_vectors": 128})   # dominated
+    for seed, acc in enumerate(LORA):
+        make_run(root, f"lora_{seed}", "lora", seed, acc, 1000.0, {"r": 8, "lr": {"A": 1e-3}}, wall=10 + seed,
+                 size_key="r", curve=[(100, 0.5 + seed / 10), (200, 0.8)])
+    for seed, acc in enumerate(VBLORA):
+        make_run(root, f"vblora_{seed}", "vblora", seed, acc, 50.0, {"r": 4, "num_vectors": 64, "lr": {"bank": 0.01}},
+                 size_key="num_vectors", curve=[(100, 0.6), (200, 0.85)])
+    make_run(root, "vblora_big", "vblora", 0, 0.80, 80.0, {"r": 4, "num_vectors": 128, "lr": {"bank": 0.002}},
+             size_key="num_vectors")  # dominated, one seed
+    for seed, acc in enumerate(SORA):
+        make_run(root, f"sora_{seed}", "sora", seed, acc, 600.0, {"r": 8, "lam": 3},
+                 sharing={"retained_ranks": {"a": 3, "b": 2}})
     make_run(root, "full_0", "full_finetune", 0, 0.95, 2.0e7, {"lr": 1e-4}, adapter_bytes=None)
     make_run(root, "head_0", "head_only", 0, 0.70, 0.0, {"lr": {"head": 5e-3}})
-    make_run(root, "sora_0", "sora", 0, 0.89, 600.0, {"r": 8, "lam": 3},
-             sharing={"retained_ranks": {"a": 3, "b": 2}})
+    make_run(root, "head_1", "head_only", 1, 0.72, 0.0, {"lr": {"head": 5e-3}})
     return root
 
 
-def test_collect_one_row_per_run(runs_root):
-    runs = report.collect_runs(runs_root)
-    assert len(runs) == 9
-    assert set(runs["seed"]) == {0, 1, 2}
-    assert runs.loc[runs["method"] == "lora", "split"].eq("test").all()
+def test_mean_ci_and_paired_p_by_hand():
+    mean, std, low, high = report.mean_ci(VBLORA)
+    assert (mean, std) == (pytest.approx(0.92), pytest.approx(0.02))
+    assert (low, high) == (pytest.approx(0.92 - 0.0496828, abs=1e-6), pytest.approx(0.92 + 0.0496828, abs=1e-6))
+    mean, std, low, high = report.mean_ci(SORA)
+    assert (low, high) == (pytest.approx(0.86 - 0.1270621, abs=1e-6), pytest.approx(0.86 + 0.1270621, abs=1e-6))
+    assert report.paired_p(VBLORA, LORA) == pytest.approx(1 - math.sqrt(7) / 3, abs=1e-6)
+    assert report.paired_p(SORA, LORA[:2]) == pytest.approx(1 - 2 / math.pi * math.atan(7), abs=1e-6)
+    one = report.mean_ci([0.5])
+    assert one[:2] == (0.5, 0.0) and math.isnan(one[2]) and math.isnan(one[3])
+    assert math.isnan(report.paired_p([0.5], [0.4]))                 # one pair: no test
+    assert math.isnan(report.paired_p([0.5, 0.6], [0.4, 0.5]))       # constant differences: t undefined
 
 
-def test_summarise_mean_std_pct(runs_root):
-    table = report.summarise(report.collect_runs(runs_root)).set_index("label")
-    assert len(table) == 6
-    lora = table.loc["lora"]
-    assert lora["n_seeds"] == 3
-    assert lora["metric_mean"] == pytest.approx(0.92)
-    assert lora["metric_std"] == pytest.approx(0.02)  # sample std of 0.90, 0.92, 0.94
-    assert lora["pct_of_lora"] == pytest.approx(100.0)
-    assert lora["wall_time_s"] == pytest.approx(11.0)
-    small = table.loc["vblora num_vectors=64"]
-    assert small["n_seeds"] == 2 and small["metric_mean"] == pytest.approx(0.92)
-    assert small["metric_std"] == pytest.approx(math.sqrt(2) * 0.01)
-    assert small["pct_of_lora"] == pytest.approx(5.0)
-    assert table.loc["vblora num_vectors=128", "metric_std"] == 0.0  # one seed
-    assert table.loc["head_only", "pct_of_lora"] == 0.0
-    assert table.loc["sora", "retained_rank"] == 5.0
+def test_summarise_columns_by_hand(runs_root):
+    table = report.summarise(report.collect_runs(runs_root), control="lora").set_index("label")
+    assert len(table) == 6  # train_subset_seed differs per seed but does not split a configuration
+    lora, vblora, sora = table.loc["lora"], table.loc["vblora num_vectors=64"], table.loc["sora"]
+    assert lora["n_seeds"] == 3 and lora["metric_mean"] == pytest.approx(0.896667, abs=1e-6)
+    assert lora["metric_std"] == pytest.approx(0.0152753, abs=1e-6)
+    assert lora["ci95_low"] == pytest.approx(0.896667 - 0.0379460, abs=1e-6)
+    assert lora["ci95_high"] == pytest.approx(0.896667 + 0.0379460, abs=1e-6)
+    assert math.isnan(lora["p_vs_control"]) and lora["pct_of_control"] == pytest.approx(100.0)
+    assert vblora["ci95_low"] == pytest.approx(0.92 - 0.0496828, abs=1e-6)
+    assert vblora["n_pairs"] == 3 and vblora["diff_vs_control"] == pytest.approx(7 / 300)
+    assert vblora["p_vs_control"] == pytest.approx(0.1180829, abs=1e-6)
+    assert vblora["pct_of_control"] == pytest.approx(5.0) and vblora["control"] == "lora"
+    assert sora["n_pairs"] == 2 and sora["p_vs_control"] == pytest.approx(0.0903344, abs=1e-6)
+    assert sora["retained_rank"] == 5.0
+    big = table.loc["vblora num_vectors=128"]
+    assert big["metric_std"] == 0.0 and math.isnan(big["ci95_low"]) and math.isnan(big["p_vs_control"])
+    assert table.loc["head_only", "pct_of_control"] == 0.0 and table.loc["head_only", "n_seeds"] == 2
     assert math.isnan(table.loc["full_finetune", "adapter_bytes"])
-    for column in ("method", "label", "n_seeds", "metric_mean", "metric_std", "stored_params", "pct_of_lora",
-                   "adapter_bytes", "wall_time_s"):
-        assert column in table.reset_index().columns
+    assert lora["wall_time_s"] == pytest.approx(11.0) and lora["peak_memory_mb"] == pytest.approx(501.0)
+
+
+def test_order_follows_baselines_then_registry(runs_root):
+    table = report.summarise(report.collect_runs(runs_root))
+    assert list(table["method"]) == ["head_only", "full_finetune", "lora", "vblora", "vblora", "sora"]
+    assert list(table["label"])[3:5] == ["vblora num_vectors=64", "vblora num_vectors=128"]  # by stored params
+
+
+def test_control_from_argument(runs_root):
+    table = report.summarise(report.collect_runs(runs_root), control="vblora").set_index("label")
+    assert table.loc["lora", "control"] == "vblora num_vectors=64"  # the control configuration with most seeds
+    assert table.loc["lora", "diff_vs_control"] == pytest.approx(-7 / 300)
+    assert math.isnan(table.loc["vblora num_vectors=64", "p_vs_control"])
+
+
+def test_size_labels_when_the_size_tells_configurations_apart(tmp_path):
+    for r, lr in ((4, 1e-3), (8, 3e-3)):  # tuned lrs differ too, yet the size alone names the point
+        make_run(tmp_path, f"lora_r{r}", "lora", 0, 0.9, 100.0 * r, {"r": r, "lr": {"A": lr}}, size_key="r")
+    labels = set(report.collect_runs(tmp_path)["label"])
+    assert labels == {"lora r=4", "lora r=8"}
+
+
+def test_mixed_tasks_and_metrics_refused_or_split(tmp_path):
+    root = tmp_path / "mixed"
+    for seed in (0, 1):
+        make_run(root, f"acc_{seed}", "lora", seed, 0.9 + seed / 100, 100.0)
+        make_run(root, f"ppl_{seed}", "lora", seed, 30.0 + seed, 100.0, task="bbc_lm", metric="perplexity")
+        make_run(root, f"mcc_{seed}", "lora", seed, 0.5, 100.0, task="bbc_news", metric="mcc")
+    runs = report.collect_runs(root)
+    with pytest.raises(VBShareError, match=r"mix tasks or metrics \(bbc_news/accuracy \(2 runs\), "
+                                           r"bbc_news/mcc \(2 runs\), bbc_lm/perplexity \(2 runs\)\)"):
+        report.summarise(runs)
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert folders == ["bbc_lm-perplexity", "bbc_news-accuracy", "bbc_news-mcc"]
+    import pandas as pd
+
+    ppl = pd.read_csv(tmp_path / "out" / "bbc_lm-perplexity" / "report.csv")
+    acc = pd.read_csv(tmp_path / "out" / "bbc_news-accuracy" / "report.csv")
+    assert list(ppl["metric"]) == ["perplexity"] and not ppl["higher_is_better"].item()
+    assert ppl["metric_mean"].item() == pytest.approx(30.5)  # never averaged with the accuracies
+    assert acc["metric_mean"].item() == pytest.approx(0.905) and acc["higher_is_better"].item()
 
 
 def test_pareto_front_membership(runs_root):
@@ -91,15 +169,29 @@ def test_pareto_lower_is_better():
     assert report.pareto_front(table).tolist() == [True, True, False]
 
 
+def test_counts_print_as_integers():
+    assert report.count_text(21568.0) == "21,568"
+    assert report.count_text(21568.5) == "21,568.5"
+
+
 def test_main_writes_table_and_plots(runs_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(runs_root), "--out", str(out)]) == 0
     csv_lines = (out / "report.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 6 and "pct_of_lora" in csv_lines[0]
-    assert "| lora | 3 | 0.9200 ± 0.0200 | 1,000 | 100.0 % |" in (out / "report.md").read_text()
-    for name in ("pareto.png", "bars.png"):
+    assert len(csv_lines) == 1 + 6
+    for column in ("ci95_low", "ci95_high", "p_vs_control", "stored_params", "adapter_bytes", "trainable_params",
+                   "wall_time_s", "peak_memory_mb"):
+        assert column in csv_lines[0].split(",")
+    md = (out / "report.md").read_text()
+    assert "| vblora num_vectors=64 | 3 | 0.9200 ± 0.0200 | [0.8703, 0.9697] | +0.0233 | 0.118 | 50 | 5.0 % |" in md
+    for name in ("pareto.png", "bars.png", "curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert "9 runs, 6 configurations" in capsys.readouterr().out
+    assert "12 runs, 6 configurations" in capsys.readouterr().out
+
+
+def test_validation_curve_mean_over_seeds(runs_root):
+    curve = report.validation_curve(sorted(runs_root.glob("lora_*")), "accuracy")
+    assert curve.to_dict() == {100: pytest.approx(0.6), 200: pytest.approx(0.8)}  # (0.5 + 0.6 + 0.7) / 3
 
 
 def test_main_no_runs_one_line_error(tmp_path, capsys):

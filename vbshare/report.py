@@ -1,14 +1,20 @@
-"""`python -m vbshare.report <sweep or runs dir>`: the side-by-side table and plots of finished runs.
+"""`python -m vbshare.report <folder> [--control lora]`: the side-by-side table and plots of finished runs.
 
-Reads only what every run directory holds (summary.json and config.yaml, written by vbshare.train), so it
-works on runs made on another machine. Writes, into `--out` (default <dir>/report):
-  report.md / report.csv  one row per method configuration: metric mean ± std over seeds, stored parameters,
-                          % of LoRA's stored parameters, adapter bytes, wall time
-  pareto.png              metric against stored parameters (log axis), Pareto front highlighted
-  bars.png                the metric per method configuration, with the spread over seeds
+Reads only what every run directory holds (summary.json, config.yaml, metrics.jsonl, written by vbshare.train),
+so it works on runs made on another machine. Runs are grouped by (task, metric) and groups are never mixed: a
+folder holding several is reported as one sub-folder per group. Writes, into `--out` (default <folder>/report):
+  report.md / report.csv  one row per method configuration (runs equal in every setting but the seed): metric
+                          mean, sample std and 95 % t-interval over seeds, the paired t-test against the control
+                          over shared seeds, stored / trainable parameters, adapter bytes, wall time, peak memory
+  pareto.png              metric against stored parameters (log axis) with 95 % CIs, one line per method across
+                          its sizes; configurations storing 0 parameters (head-only) as horizontal lines
+  bars.png                the metric per configuration from 0, with 95 % CIs
+  curves.png              validation metric against step per configuration (mean over seeds, metrics.jsonl)
 
-Python API (used by the notebooks): collect_runs(root) -> one row per run; summarise(runs) -> one row per
-method configuration; pareto_front(table) -> bool mask; pareto_plot(table, path); bar_plot(table, path).
+Python API (used by vbshare.compare and the notebooks): collect_runs(root or run dirs) -> one row per run;
+split_groups(runs) -> {(task, metric): runs}; summarise(runs, control) -> one row per configuration (one
+task and metric only); mean_ci / paired_p (the statistics); pareto_front, pareto_plot, bar_plot, curves_plot;
+write_report(runs, out, control).
 """
 from __future__ import annotations
 
@@ -18,23 +24,63 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
+from .checkpoint import atomic_write
 from .errors import VBShareError
-from .records import flatten
+from .records import flatten, read_jsonl
+from .registry import METHODS
+from .train.loop import FULL_FINETUNE, HEAD_ONLY
 from .train.metrics import higher_is_better
 
-SUMMARY, CONFIG = "summary.json", "config.yaml"
+SUMMARY, CONFIG, METRICS = "summary.json", "config.yaml", "metrics.jsonl"
+DEFAULT_CONTROL = "lora"
+CONFIDENCE = 0.95
+POINTS_PER_INCH = 72  # annotation offsets are in points, window extents in pixels (fig.dpi per inch)
 # Trainer settings that define a configuration (runs differing only in seed are pooled; threads, device,
 # progress bars and checkpoints do not change what is trained).
 TRAINER_KEYS = ("max_steps", "batch_size", "max_examples")
-NO_STORED_PARAMS_X = 1.0  # where head-only (0 stored parameters) sits on the log axis
-SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "n_seeds", "seeds", "metric_mean", "metric_std",
-                   "stored_params", "pct_of_lora", "trainable_params", "head_params", "adapter_bytes",
-                   "wall_time_s", "retained_rank", "merges", "config_key"]
+# data keys that follow the run seed (data/*.yaml sets them to ${seed}): part of the seed, not the configuration
+SEED_FOLLOWING_DATA_KEYS = ("train_subset_seed",)
+# adapter config keys for the compare app, not hyperparameters of the trained adapter
+COMPARE_ONLY_KEYS = ("search", "size_key")
+BASELINE_ORDER = (HEAD_ONLY, FULL_FINETUNE)  # listed before the registered methods, which follow METHODS' order
+SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "higher_is_better", "size_key", "size", "n_seeds",
+                   "seeds", "metric_mean", "metric_std", "ci95_low", "ci95_high", "control", "n_pairs",
+                   "diff_vs_control", "p_vs_control", "stored_params", "pct_of_control", "trainable_params",
+                   "head_params", "adapter_bytes", "wall_time_s", "peak_memory_mb", "retained_rank", "merges",
+                   "config_key"]
+
+
+# ================================================================================================ statistics
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """(mean, sample std (ddof=1), CI low, CI high) of seed scores: mean ± t_{(1+c)/2, n-1} · std / sqrt(n).
+
+    One value: std 0 and the interval NaN (no spread to estimate)."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, 0.0, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    return mean, std, mean - half, mean + half
+
+
+def paired_p(values: Sequence[float], control: Sequence[float]) -> float:
+    """Two-sided paired t-test p-value of values[i] against control[i] (the same seed's runs).
+
+    NaN when fewer than two pairs or when the differences do not vary (the t statistic is undefined)."""
+    x, c = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
+    if len(x) != len(c):
+        raise ValueError(f"paired test needs equal lengths, got {len(x)} and {len(c)}")
+    if len(x) < 2 or float(np.std(x - c, ddof=1)) == 0.0:
+        return math.nan
+    return float(stats.ttest_rel(x, c).pvalue)
 
 
 # ================================================================================================= collecting
@@ -60,16 +106,19 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
     config = config or {}
     trainer = config.get("trainer") or {}
-    hyper = summary.get("hyperparameters") or {}
+    adapter = config.get("adapter") or {}
+    hyper = {k: v for k, v in (summary.get("hyperparameters") or {}).items() if k not in COMPARE_ONLY_KEYS}
+    size_key = adapter.get("size_key")
     used_split, value = _headline(summary, split)
     identity = {
         "method": summary.get("method"), "model": summary.get("model"), "task": summary.get("task"),
         "hyperparameters": {k: v for k, v in hyper.items() if k != "targets"},
         "targets": hyper.get("targets"),
         "trainer": {k: trainer.get(k) for k in TRAINER_KEYS},
-        "data": {k: v for k, v in (config.get("data") or {}).items() if k != "_target_"},
+        "data": {k: v for k, v in (config.get("data") or {}).items()
+                 if k != "_target_" and k not in SEED_FOLLOWING_DATA_KEYS},
         "full_finetune_lr": (config.get("optim") or {}).get("full_finetune_lr")
-        if summary.get("method") == "full_finetune" else None,
+        if summary.get("method") == FULL_FINETUNE else None,
     }
     sharing = summary.get("sharing")
     return {
@@ -81,11 +130,14 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
         "split": used_split,
         "metric_value": value,
         "seed": config.get("seed"),
+        "size_key": size_key,
+        "size": hyper.get(size_key) if size_key else None,
         "stored_params": float(summary.get("stored_parameters") or 0),
         "trainable_params": summary.get("trainable_parameters"),
         "head_params": summary.get("head_parameters"),
         "adapter_bytes": summary.get("adapter_bytes"),
         "wall_time_s": summary.get("wall_time_s"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
         "steps": summary.get("steps"),
         "retained_rank": _retained_rank(sharing),
         "merges": sharing.get("merges") if isinstance(sharing, dict) else None,
@@ -94,19 +146,28 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     }
 
 
-def collect_runs(root: str | Path, split: str | None = None) -> pd.DataFrame:
-    """One row per finished run (a folder holding summary.json) anywhere under `root`, sorted by folder.
+def collect_runs(root: str | Path | Iterable[str | Path], split: str | None = None) -> pd.DataFrame:
+    """One row per finished run: every folder holding summary.json under `root`, or the run folders given.
 
-    Columns: run_dir, method, model, task, metric, split, metric_value, seed, stored_params, trainable_params,
-    head_params, adapter_bytes, wall_time_s, steps, retained_rank, merges, hparams (dict), config_key (every
-    setting but the seed), label (method plus the hyperparameters that vary between its configurations).
+    Columns: run_dir, method, model, task, metric, split, metric_value, seed, size_key, size, stored_params,
+    trainable_params, head_params, adapter_bytes, wall_time_s, peak_memory_mb, steps, retained_rank, merges,
+    hparams (dict), config_key (every setting but the seed), label (method plus what tells its configurations
+    apart: the size when that alone does, else the hyperparameters that vary).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise VBShareError(f"{root} is not a folder; give a sweep or runs folder (e.g. multirun/compare/...)")
-    run_dirs = sorted({p.parent for p in root.rglob(SUMMARY)})
+    if isinstance(root, (str, Path)):
+        root = Path(root)
+        if not root.is_dir():
+            raise VBShareError(f"{root} is not a folder; give a comparison, sweep or runs folder (e.g. multirun/...)")
+        run_dirs = sorted({p.parent for p in root.rglob(SUMMARY)})
+        where = str(root)
+    else:
+        run_dirs = [Path(p) for p in root]
+        missing = [str(p) for p in run_dirs if not (p / SUMMARY).is_file()]
+        if missing:
+            raise VBShareError(f"no {SUMMARY} in {missing[0]}: that run has not finished")
+        where = "the given run folders"
     if not run_dirs:
-        raise VBShareError(f"no finished runs under {root}: no {SUMMARY} found (runs still going, or the wrong folder?)")
+        raise VBShareError(f"no finished runs in {where}: no {SUMMARY} found (runs still going, or the wrong folder?)")
     rows = []
     for run_dir in run_dirs:
         try:
@@ -127,83 +188,127 @@ def _format(value: Any) -> str:
 
 
 def _labels(runs: pd.DataFrame) -> list[str]:
-    """`method` alone when a method has one configuration, else `method k=v ...` over the keys that differ
-    between its configurations (e.g. `vblora r=2 num_vectors=64`, `aslora pairing=random`)."""
+    """`method` alone when a method has one configuration; `method size_key=value` when its size alone tells
+    them apart (e.g. `lora r=8`); else `method k=v ...` over the keys that differ between its configurations
+    (e.g. `vblora num_vectors=64 r=2`, `aslora pairing=random`)."""
     labels = []
     for _, row in runs.iterrows():
         same = runs[runs["method"] == row["method"]]
         configs = same.drop_duplicates("config_key")
-        keys: set[str] = set()
-        if len(configs) > 1:
+        parts: list[str] = []
+        sizes = configs["size"].map(_format)
+        if len(configs) > 1 and row["size_key"] and configs["size_key"].nunique() == 1 and sizes.is_unique:
+            parts = [f"{row['size_key']}={_format(row['size'])}"]
+        elif len(configs) > 1:
             all_keys = set().union(*(h.keys() for h in configs["hparams"]))
             keys = {k for k in all_keys if len({_format(h.get(k)) for h in configs["hparams"]}) > 1}
-        parts = [f"{k.rsplit('.', 1)[-1] if not k.startswith('lr.') else k}={_format(row['hparams'].get(k))}"
-                 for k in sorted(keys)]
-        if len(configs) > 1 and not parts:  # differ outside the hyperparameters (model, steps, data...)
-            for other in ("model", "task"):
-                if configs[other].nunique() > 1:
-                    parts.append(f"{other}={row[other]}")
+            parts = [f"{k.rsplit('.', 1)[-1] if not k.startswith('lr.') else k}={_format(row['hparams'].get(k))}"
+                     for k in sorted(keys)]
+            if not parts:  # differ outside the hyperparameters (model, steps, data...)
+                for other in ("model", "task"):
+                    if configs[other].nunique() > 1:
+                        parts.append(f"{other}={row[other]}")
             if not parts:
                 parts.append(f"config {list(configs['config_key']).index(row['config_key']) + 1}")
         labels.append(" ".join([str(row["method"]), *parts]))
     return labels
 
 
+def split_groups(runs: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """The runs per (task, metric), in first-seen order: each group is one table, never mixed with another."""
+    keys = list(dict.fromkeys(zip(runs["task"], runs["metric"])))
+    return {(task, metric): runs[(runs["task"] == task) & (runs["metric"] == metric)].copy() for task, metric in keys}
+
+
 # ================================================================================================ summarising
-def _lora_reference(table: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """Stored parameters of LoRA per (model, task): the LoRA configuration with most seeds (ties: the largest)."""
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort order: the baselines, then the registered methods in registration order, then any other name."""
+    order = [*BASELINE_ORDER, *METHODS]
+    return (order.index(method), "") if method in order else (len(order), str(method))
+
+
+def _control_reference(table: pd.DataFrame, control: str) -> dict[str, int]:
+    """Per model: the index of the control configuration every row is compared with (most seeds; ties: the
+    best mean score)."""
     reference = {}
-    lora = table[table["method"] == "lora"]
-    for (model, task), group in lora.groupby(["model", "task"], dropna=False):
-        best = group.sort_values(["n_seeds", "stored_params"], ascending=False).iloc[0]
-        reference[(model, task)] = float(best["stored_params"])
+    sign = 1.0 if higher_is_better(str(table["metric"].iloc[0])) else -1.0
+    for model, group in table[table["method"] == control].groupby("model", dropna=False, sort=False):
+        ranked = group.assign(score=sign * group["metric_mean"]).sort_values(["n_seeds", "score"], ascending=False)
+        reference[model] = ranked.index[0]
     return reference
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method configuration (runs equal in every setting but the seed).
+def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFrame:
+    """One row per method configuration (runs equal in every setting but the seed), for ONE task and metric.
 
-    metric_mean / metric_std: mean and sample standard deviation (ddof=1; 0 for a single seed) of the final
-    test metric over seeds; stored_params, adapter_bytes, wall_time_s: means over seeds; pct_of_lora: stored
-    parameters as % of LoRA's for the same model and task (NaN without a LoRA run). Ordered by method, then
-    stored parameters.
+    metric_mean / metric_std / ci95_low / ci95_high: mean_ci over the seeds' final scores (the interval is NaN
+    for one seed). control / n_pairs / diff_vs_control / p_vs_control: the control method's configuration for
+    the same model (most seeds, ties: best mean) and, over the seeds both ran, the mean paired difference and
+    the paired t-test's two-sided p (NaN for the control itself, fewer than 2 shared seeds, or constant
+    differences). stored_params, adapter_bytes, wall_time_s, peak_memory_mb: means over seeds; pct_of_control:
+    stored parameters as % of the control's. Ordered by method (baselines, then the registry), then stored
+    parameters.
     """
     if runs.empty:
         raise VBShareError("no runs to summarise")
-    rows = []
+    groups = split_groups(runs)
+    if len(groups) > 1:
+        found = ", ".join(f"{task}/{metric} ({len(g)} runs)" for (task, metric), g in groups.items())
+        raise VBShareError(f"these runs mix tasks or metrics ({found}); summarise one group at a time "
+                           "(vbshare.report.split_groups) or use write_report, which writes one table per group")
+    rows, seed_scores = [], []
     for key, group in runs.groupby("config_key", sort=False):
-        values = group["metric_value"].astype(float)
         first = group.iloc[0]
-        ranks = group["retained_rank"].dropna()
-        merges = group["merges"].dropna()
+        scores = group.groupby("seed", dropna=False)["metric_value"].mean()  # seed -> score
+        mean, std, low, high = mean_ci(scores.to_numpy(float))
+        ranks, merges = group["retained_rank"].dropna(), group["merges"].dropna()
         rows.append({
             "method": first["method"], "label": first["label"], "model": first["model"], "task": first["task"],
-            "metric": first["metric"], "n_seeds": int(len(group)),
-            "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna().tolist())),
-            "metric_mean": float(values.mean()),
-            "metric_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "metric": first["metric"], "higher_is_better": higher_is_better(str(first["metric"])),
+            "size_key": first["size_key"], "size": first["size"], "n_seeds": int(len(scores)),
+            "seeds": ",".join(str(s) for s in sorted(scores.index.dropna().tolist())),
+            "metric_mean": mean, "metric_std": std, "ci95_low": low, "ci95_high": high,
             "stored_params": float(group["stored_params"].mean()),
             "trainable_params": float(pd.to_numeric(group["trainable_params"]).mean()),
             "head_params": float(pd.to_numeric(group["head_params"]).fillna(0).mean()),
-            "adapter_bytes": float(pd.to_numeric(group["adapter_bytes"]).mean())
-            if group["adapter_bytes"].notna().any() else math.nan,
-            "wall_time_s": float(pd.to_numeric(group["wall_time_s"]).mean()),
+            "adapter_bytes": _mean(group["adapter_bytes"]),
+            "wall_time_s": _mean(group["wall_time_s"]),
+            "peak_memory_mb": _mean(group["peak_memory_mb"]),
             "retained_rank": float(ranks.mean()) if len(ranks) else math.nan,
             "merges": float(merges.mean()) if len(merges) else math.nan,
             "config_key": key,
         })
+        seed_scores.append(scores)
     table = pd.DataFrame(rows)
-    reference = _lora_reference(table)
-    table["pct_of_lora"] = [100.0 * s / reference[(m, t)] if (m, t) in reference and reference[(m, t)] else math.nan
-                            for s, m, t in zip(table["stored_params"], table["model"], table["task"])]
-    order = {"head_only": 0, "full_finetune": 1, "lora": 2, "vblora": 3, "aslora": 4, "sora": 5}
-    def rank(i: int) -> tuple:  # method order, then the label with its numbers compared as numbers
+    reference = _control_reference(table, control)
+    against = []
+    for i in table.index:
+        ref = reference.get(table.at[i, "model"])
+        shared = [] if ref is None or ref == i else sorted(set(seed_scores[i].index) & set(seed_scores[ref].index))
+        values = seed_scores[i].reindex(shared).to_numpy(float)  # (pairs,)
+        controls = seed_scores[ref].reindex(shared).to_numpy(float) if shared else np.array([])  # (pairs,)
+        against.append({
+            "control": None if ref is None else table.at[ref, "label"],
+            "pct_of_control": 100.0 * table.at[i, "stored_params"] / table.at[ref, "stored_params"]
+            if ref is not None and table.at[ref, "stored_params"] else math.nan,
+            "n_pairs": len(shared),
+            "diff_vs_control": float((values - controls).mean()) if shared else math.nan,
+            "p_vs_control": paired_p(values, controls) if shared else math.nan,
+        })
+    table = pd.concat([table, pd.DataFrame(against, index=table.index)], axis=1)
+
+    def rank(i: int) -> tuple:  # method order, stored parameters, then the label with numbers compared as numbers
         pieces = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(table.at[i, "label"]))
         natural = tuple((0, float(x), "") if n % 2 else (1, 0.0, x) for n, x in enumerate(pieces) if x)
-        return order.get(table.at[i, "method"], 9), str(table.at[i, "method"]), natural
+        return method_rank(table.at[i, "method"]), table.at[i, "stored_params"], natural
 
     table = table.loc[sorted(table.index, key=rank)].reset_index(drop=True)
     return table[SUMMARY_COLUMNS]
+
+
+def _mean(column: pd.Series) -> float:
+    values = pd.to_numeric(column)
+    return float(values.mean()) if values.notna().any() else math.nan
 
 
 def pareto_front(table: pd.DataFrame) -> pd.Series:
@@ -229,45 +334,93 @@ def _pyplot():
     return plt
 
 
+def _ci_errors(table: pd.DataFrame) -> np.ndarray:
+    """(2, N) distances from the mean to the CI ends; 0 where the interval is undefined (one seed)."""
+    below = (table["metric_mean"] - table["ci95_low"]).fillna(0.0).to_numpy(float)
+    above = (table["ci95_high"] - table["metric_mean"]).fillna(0.0).to_numpy(float)
+    return np.stack([below, above])  # (2, N)
+
+
+def _metric_axis_label(table: pd.DataFrame) -> str:
+    metric = str(table["metric"].iloc[0])
+    direction = "higher" if higher_is_better(metric) else "lower"
+    return f"{metric} ({direction} is better; mean, 95 % CI)"
+
+
+def _colours(table: pd.DataFrame) -> dict[str, str]:
+    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(table["method"]))}
+
+
+def _place_labels(fig, texts: list) -> None:
+    """Move point labels up, one label height at a time, until none overlaps an earlier one (display space)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        while any(box.overlaps(other) for other in placed):
+            dx, dy = text.xyann  # offset from the point, in points
+            text.xyann = (dx, dy + box.height * POINTS_PER_INCH / fig.dpi)
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
+
 def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
-    """Metric mean (± std) against stored parameters on a log axis, the Pareto front joined by a line."""
+    """Metric (mean, 95 % CI) against stored parameters on a log axis, one line per method through its sizes.
+
+    A configuration storing 0 parameters (head-only) has no place on a log axis: it is a horizontal line at its
+    mean with its CI as a band, labelled "0 stored". The Pareto front of the other configurations is dashed."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(table)
-    x = table["stored_params"].clip(lower=NO_STORED_PARAMS_X)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for method, group in table.groupby("method", sort=False):
-        ax.errorbar(x[group.index], group["metric_mean"], yerr=group["metric_std"], fmt="o", capsize=3, label=method)
-    for i in table.index:
-        ax.annotate(table.at[i, "label"], (x[i], table.at[i, "metric_mean"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
-    on_front = table[front].assign(x=x[front]).sort_values("x")
-    ax.plot(on_front["x"], on_front["metric_mean"], "k--", lw=1, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("stored parameters (log; head-only's 0 drawn at 1)")
-    ax.set_ylabel(f"{table['metric'].iloc[0]} (mean ± std over seeds)")
+    colours = _colours(table)
+    positive = table[table["stored_params"] > 0]
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for _, row in table[table["stored_params"] <= 0].iterrows():
+        colour = colours[row["method"]]
+        ax.axhline(row["metric_mean"], color=colour, ls=":", lw=1.5, label=f"{row['label']} (0 stored)")
+        if not math.isnan(row["ci95_low"]):
+            ax.axhspan(row["ci95_low"], row["ci95_high"], color=colour, alpha=0.12)
+    texts = []
+    for method, group in positive.groupby("method", sort=False):
+        group = group.sort_values("stored_params")
+        sized = len(group) > 1 and group["size_key"].nunique() == 1 and group["size"].map(_format).is_unique
+        name = f"{method} ({group['size_key'].iloc[0]})" if sized else str(method)
+        ax.errorbar(group["stored_params"], group["metric_mean"], yerr=_ci_errors(group), fmt="o-", capsize=3,
+                    color=colours[method], label=name)
+        if len(group) > 1:  # the legend names the method (and its size knob); each point says its size
+            for _, row in group.iterrows():
+                text = _format(row["size"]) if sized else row["label"][len(str(method)):].strip()
+                texts.append(ax.annotate(text, (row["stored_params"], row["metric_mean"]), textcoords="offset points",
+                                         xytext=(5, 4), fontsize=7, color=colours[method]))
+    if len(positive):
+        front = pareto_front(positive)
+        on_front = positive[front].sort_values("stored_params")
+        ax.plot(on_front["stored_params"], on_front["metric_mean"], "k--", lw=0.8, alpha=0.6, label="Pareto front")
+        ax.set_xscale("log")
+    ax.set_xlabel("stored parameters (log scale)")
+    ax.set_ylabel(_metric_axis_label(table))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    _place_labels(fig, texts)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
-    """One bar per method configuration: metric mean with the standard deviation over seeds."""
+    """One bar per configuration from 0: metric mean with its 95 % CI (none drawn for a single seed)."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(table) + 2), 4.5))
-    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(table["method"]))}
-    ax.bar(range(len(table)), table["metric_mean"], yerr=table["metric_std"], capsize=3,
+    colours = _colours(table)
+    ax.bar(range(len(table)), table["metric_mean"], yerr=_ci_errors(table), capsize=3,
            color=[colours[m] for m in table["method"]])
     ax.set_xticks(range(len(table)), table["label"], rotation=45, ha="right", fontsize=8)
-    low = float((table["metric_mean"] - table["metric_std"]).min())
-    ax.set_ylim(max(0.0, low - 0.05) if higher_is_better(str(table["metric"].iloc[0])) else 0.0, None)
-    ax.set_ylabel(f"{table['metric'].iloc[0]} (mean ± std)")
+    ax.set_ylim(bottom=0.0)
+    ax.set_ylabel(_metric_axis_label(table))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -275,42 +428,128 @@ def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def validation_curve(run_dirs: Iterable[str | Path], metric: str) -> pd.Series:
+    """Validation `metric` per step (mean over the runs that logged it) from the runs' metrics.jsonl."""
+    rows = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / METRICS
+        if path.is_file():
+            rows += [{"step": r["step"], "value": r[metric]} for r in read_jsonl(path)
+                     if r.get("split") == "validation" and metric in r]
+    if not rows:
+        return pd.Series(dtype=float)
+    return pd.DataFrame(rows).groupby("step")["value"].mean()
+
+
+def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path | None:
+    """Validation metric against step, one line per configuration (mean over seeds); None when no run logged
+    validation scores."""
+    plt = _pyplot()
+    metric = str(table["metric"].iloc[0])
+    colours = _colours(table)
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8.5, 5.0))
+    drawn, seen = 0, {}
+    for _, row in table.iterrows():
+        curve = validation_curve(runs.loc[runs["config_key"] == row["config_key"], "run_dir"], metric)
+        if curve.empty:
+            continue
+        style = styles[seen.setdefault(row["method"], 0) % len(styles)]
+        seen[row["method"]] += 1
+        ax.plot(curve.index, curve.to_numpy(), style, marker=".", color=colours[row["method"]], label=row["label"])
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ax.set_xlabel("optimiser step")
+    direction = "higher" if higher_is_better(metric) else "lower"
+    ax.set_ylabel(f"validation {metric} ({direction} is better; mean over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ==================================================================================================== tables
+def count_text(value: float) -> str:
+    """A parameter count: an integer with thousands separators, one decimal only when it is a fractional mean."""
+    if math.isnan(value):
+        return ""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def _p_text(p: float) -> str:
+    return "" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    metric = table["metric"].iloc[0]
-    front = pareto_front(table)
-    lines = [f"| configuration | seeds | {metric} (mean ± std) | stored params | % of LoRA | adapter bytes | wall time (s) | Pareto |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    metric, front = table["metric"].iloc[0], pareto_front(table)
+    control = next((c for c in table["control"] if isinstance(c, str)), None)
+    direction = "higher" if higher_is_better(str(metric)) else "lower"
+    lines = [f"{table['task'].iloc[0]}, {metric} ({direction} is better); 95 % CI: t-interval over seeds; "
+             f"p: paired t-test over shared seeds against {control or 'no control (none among these runs)'}.",
+             "",
+             f"| configuration | seeds | {metric} mean ± std | 95 % CI | Δ vs control | p vs control | stored params | "
+             "% of control | trainable params | adapter bytes | wall time (s) | peak memory (MiB) | Pareto |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for i, row in table.iterrows():
-        pct = "" if math.isnan(row["pct_of_lora"]) else f"{row['pct_of_lora']:.1f} %"
-        size = "" if math.isnan(row["adapter_bytes"]) else f"{row['adapter_bytes']:,.0f}"
-        lines.append(f"| {row['label']} | {row['n_seeds']} | {row['metric_mean']:.4f} ± {row['metric_std']:.4f} | "
-                     f"{row['stored_params']:,.0f} | {pct} | {size} | {row['wall_time_s']:.0f} | "
+        ci = "" if math.isnan(row["ci95_low"]) else f"[{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]"
+        diff = "" if math.isnan(row["diff_vs_control"]) else f"{row['diff_vs_control']:+.4f}"
+        pct = "" if math.isnan(row["pct_of_control"]) else f"{row['pct_of_control']:.1f} %"
+        wall = "" if math.isnan(row["wall_time_s"]) else f"{row['wall_time_s']:.0f}"
+        memory = "" if math.isnan(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:,.0f}"
+        lines.append(f"| {row['label']} | {row['n_seeds']} | {row['metric_mean']:.4f} ± {row['metric_std']:.4f} | {ci} | "
+                     f"{diff} | {_p_text(row['p_vs_control'])} | {count_text(row['stored_params'])} | {pct} | "
+                     f"{count_text(row['trainable_params'])} | {count_text(row['adapter_bytes'])} | {wall} | {memory} | "
                      f"{'✓' if front[i] else ''} |")
     return "\n".join(lines) + "\n"
 
 
+def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CONTROL) -> list[Path]:
+    """report.md, report.csv, pareto.png, bars.png and curves.png in `out`; with several (task, metric) groups,
+    the same set in one sub-folder `<task>-<metric>` per group. Returns the files written."""
+    out = Path(out)
+    groups = split_groups(runs)
+    written = []
+    for (task, metric), group in groups.items():
+        folder = out if len(groups) == 1 else out / f"{task}-{metric}"
+        folder.mkdir(parents=True, exist_ok=True)
+        table = summarise(group, control)
+        atomic_write(folder / "report.md", markdown_table(table).encode())
+        csv = table.assign(pareto=pareto_front(table)).drop(columns="config_key").to_csv(index=False)
+        atomic_write(folder / "report.csv", csv.encode())
+        written += [folder / "report.md", folder / "report.csv", pareto_plot(table, folder / "pareto.png"),
+                    bar_plot(table, folder / "bars.png")]
+        curves = curves_plot(group, table, folder / "curves.png")
+        written += [curves] if curves else []
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vbshare.report", description=__doc__.split("\n")[0])
-    parser.add_argument("root", help="a sweep folder (multirun/...) or any folder holding run directories")
-    parser.add_argument("--out", help="where to write report.md/.csv and the plots (default <root>/report)")
+    parser.add_argument("root", help="a comparison or sweep folder, or any folder holding run directories")
+    parser.add_argument("--out", help="where to write the report (default <root>/report)")
     parser.add_argument("--split", choices=["test", "validation"], help="score split (default: test, else validation)")
+    parser.add_argument("--control", default=DEFAULT_CONTROL, help="method of the paired test's reference runs")
     args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.root) / "report"
     try:
         runs = collect_runs(args.root, args.split)
-        table = summarise(runs)
+        written = write_report(runs, out, args.control)
     except VBShareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.root) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown_table(table)
-    (out / "report.md").write_text(text)
-    table.assign(pareto=pareto_front(table)).drop(columns="config_key").to_csv(out / "report.csv", index=False)
-    pareto_plot(table, out / "pareto.png")
-    bar_plot(table, out / "bars.png")
-    print(text, end="")
-    print(f"{len(runs)} runs, {len(table)} configurations; report.md, report.csv, pareto.png, bars.png in {out}")
+    for path in written:
+        if path.name == "report.md":
+            print(path.read_text())
+    groups = split_groups(runs)
+    configs = sum(runs.loc[g.index, "config_key"].nunique() for g in groups.values())
+    where = out if len(groups) == 1 else f"{out} (one folder per task and metric: {len(groups)})"
+    print(f"{len(runs)} runs, {configs} configurations; report.md, report.csv and plots in {where}")
     return 0
 
 
