@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from . import report
 from .checkpoint import atomic_write
 from .errors import VBShareError
-from .train.loop import CONFIG_DIR, USER_ERRORS, exit_with, run_training, to_python
+from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
+from .train.modes import to_python
 from .train.metrics import higher_is_better
 
 log = logging.getLogger("vbshare.compare")

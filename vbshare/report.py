@@ -35,7 +35,7 @@ from .checkpoint import atomic_write
 from .errors import VBShareError
 from .records import flatten, read_jsonl
 from .registry import METHODS
-from .train.loop import FULL_FINETUNE, HEAD_ONLY
+from .train.modes import FULL_FINETUNE, HEAD_ONLY
 from .train.metrics import higher_is_better
 
 SUMMARY, CONFIG, METRICS = "summary.json", "config.yaml", "metrics.jsonl"
