@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from hydra import compose, initialize_config_dir
 
+from vbshare.analysis import sora as S
 from vbshare.errors import VBShareError
 from vbshare.train import CONFIG_DIR, run_training
 
@@ -99,6 +100,11 @@ def test_stages_shrink_gates_by_the_scheduled_xi(tmp_path):
     assert [m["step"] for m in stage_steps] == list(range(5, 5 + n * steps))  # the app's own steps, logged
     assert [m["lr"] for m in stage_steps] == pytest.approx([1.0e-3 * 0.5] * n * steps)  # adapter.lr.default · lr_factor
 
+    # the analysis reads the app's run directory: one row per stage, the task metric picked by default
+    table = S.stage_table(S.stage_records(tmp_path), metric=S.score_name(S.stage_records(tmp_path)))
+    assert table["retained_rank"].tolist() == [r["retained_rank"] for r in records]
+    assert table["generalisation"].tolist() == [r["generalisation"]["accuracy"] for r in records]
+
 
 def test_memorisation_is_scored_on_a_fixed_training_subset(tmp_path):
     """memorise_examples = the whole (debug) training split: stage 0's memorisation equals a fresh
@@ -134,6 +140,24 @@ def test_bad_sparsify_settings_are_refused_before_training(tmp_path, overrides, 
     with pytest.raises(VBShareError, match=message):
         train([*FAST, *overrides, *STAGES], tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists(), "refused before the first step"
+
+
+def test_score_vs_retained_plots_one_point_per_stage():
+    """Hand-built records: the figure's points are (retained rank, score) and (non-zero params, score)."""
+    ranks = [{"a": 4, "b": 4}, {"a": 3, "b": 1}, {"a": 1, "b": 0}]
+    records = [{"stage": i, "lam": lam, "total_steps": 5 * i, "ranks": r, "r_max": 4,
+                "retained_rank": sum(r.values()), "nonzero_params": 10 * sum(r.values()),
+                "param_fraction": sum(r.values()) / 8, "memorisation": {"f1": mem, "accuracy": 0.0},
+                "generalisation": {"f1": gen, "accuracy": 0.0}}
+               for i, (lam, r, mem, gen) in enumerate(zip([0, 1, 2], ranks, [0.9, 0.95, 0.5], [0.7, 0.75, 0.4]))]
+    assert S.score_name(records) == "f1"
+    fig = S.plot_score_vs_retained(S.stage_table(records, metric="f1"), metric="f1")
+    by_rank, by_params = fig.axes[0], fig.axes[1]
+    generalisation = [line for line in by_rank.lines if line.get_label() == "generalisation"][0]
+    assert generalisation.get_xydata().tolist() == [[8, 0.7], [4, 0.75], [1, 0.4]]
+    memorisation = [line for line in by_params.lines if line.get_label() == "memorisation"][0]
+    assert memorisation.get_xydata().tolist() == [[80, 0.9], [40, 0.95], [10, 0.5]]
+    assert by_rank.get_xlim()[0] == 0 and by_params.get_xlim()[0] == 0 and by_rank.get_ylim() == (0, 1.08)
 
 
 # -- MiniLM + few-shot BBC News: the real small task -----------------------------------------------------------
