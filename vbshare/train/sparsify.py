@@ -133,7 +133,10 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: d
         write_metrics(run, {"step": run.step, "split": STAGE_SPLIT, **{k: v for k, v in flat.items() if k != "step"}})
         log.info("sparsify stage %s: %s", record.get("stage"), format_scores(
             {k: v for k, v in flat.items() if k not in ("stage", "steps", "total_steps")}))
-        if take_snapshots and run.is_main:
+        if not take_snapshots:
+            return
+        engine.reshard()  # every process, before rank 0 alone reads the weights (as before a checkpoint)
+        if run.is_main:
             vbshare.save_adapter(run.model, run.run_dir / SNAPSHOTS / f"stage_{record.get('stage', 0):02d}",
                                  modules=run.mode.head_modules, stored_form=False)
 
