@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,15 @@ class AdapterState(nn.Module):
         """JSONL files a training run writes into its directory: file name -> rows (ASLoRA:
         {"merge_history.jsonl": one row per merge}). Default: none."""
         return {}
+
+    def sparsifier(self, model: nn.Module, schedule: dict[str, Any]) -> Callable[..., list[dict[str, Any]]]:
+        """The method's sparsifying scheduler (the training app's `trainer.sparsify`), bound to `model` and a
+        schedule it validates now: `run(train_steps, evaluate, run_dir=None, on_stage=None) -> stage records`.
+        It raises the method's sparsity knob stage by stage, asking `train_steps(n_steps, knob)` to continue
+        training and `evaluate(split)` for scores ("train": a fixed training subset, "eval": held-out data).
+        Only a method with such a knob has one (SoRA: λ); by default this raises."""
+        raise VBShareError(f"{self.method} has no sparsity knob: only methods with a sparsity knob support "
+                           "trainer.sparsify; drop trainer.sparsify or pick such a method")
 
     # -- storage ---------------------------------------------------------------------------------------------
     def saved_form(self, model: nn.Module) -> nn.Module:

@@ -17,8 +17,9 @@ sparsifying scheduler (`vbshare.sora` is the short public name of the last two):
                        dense_steps=200, stage_steps=100), out="runs/sora_stages.jsonl")
     vbshare.prune(model)  # now a LoRA with per-module ranks: save_adapter / export_peft / summary as LoRA
 
-`train_steps(n_steps, lam)` and `evaluate(split)` are the caller's (the training app's): the scheduler only
-sets λ on the model, asks for steps, and reads back the gates and the metrics.
+`train_steps(n_steps, lam)` and `evaluate(split)` are the caller's: the scheduler only sets λ on the model, asks
+for steps, and reads back the gates and the metrics. The training app runs it after its own (dense) training
+through the contract's `sparsifier` hook (`trainer.sparsify`), writing `<run>/sora_stages.jsonl`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
+from ..files import atomic_write
 from ..records import read_jsonl
 from .base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, state_of
 from .lora import LoRA, LoRAConfig
@@ -42,6 +44,7 @@ from .lora import LoRA, LoRAConfig
 THRESHOLDS = ("lr_lambda", "constant")
 GATE_INITS = ("ones", "normal")
 SCHEDULES = ("linear", "log", "exp")
+STAGES_FILE = "sora_stages.jsonl"  # the stage records a training run with trainer.sparsify writes
 
 
 # -- the proximal operator: standalone, usable with any torch optimiser -----------------------------------------
@@ -141,6 +144,26 @@ class SoRAState(AdapterState):
         """
         frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
         return prune(copy.deepcopy(model, memo={id(t): t for t in frozen}))
+
+    def sparsifier(self, model: nn.Module, schedule: Mapping[str, Any]) -> Callable[..., list[dict[str, Any]]]:
+        """The sparsifying scheduler bound to `model` and a validated `SparsifySchedule(**schedule)`:
+        `run(train_steps, evaluate, run_dir=None, on_stage=None)` runs `sparsify`, writing
+        `<run_dir>/sora_stages.jsonl` when a run directory is given."""
+        known = set(SparsifySchedule.__dataclass_fields__)
+        unknown = sorted(set(schedule) - known)
+        if unknown:
+            raise VBShareError(f"unknown sparsifying-schedule key(s) {', '.join(unknown)}; valid ones are: "
+                               f"{', '.join(sorted(known))}")
+        plan = SparsifySchedule(**schedule)
+        plan.validate()
+
+        def run(train_steps: Callable[[int, float], Any], evaluate: Callable[[str], Any],
+                run_dir: str | os.PathLike | None = None,
+                on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+            out = Path(run_dir) / STAGES_FILE if run_dir is not None else None
+            return sparsify(model, train_steps, evaluate, plan, out=out, on_stage=on_stage)
+
+        return run
 
 
 class SoRA(LowRankAdapter):
@@ -269,6 +292,8 @@ def set_lambda(model: nn.Module, lam: float) -> None:
 class SparsifySchedule:
     """A dense stage (λ = 0) of `dense_steps`, then `num_stages` stages of `stage_steps` with λ rising to `max`.
 
+    dense_steps = 0: the model was already trained densely (the training app's `trainer.max_steps`); stage 0
+    then records it as it is, at the λ it trained with (the adapter's `lam`), and trains nothing.
     Stage i = 1..n:  linear: max·i/n;  log: max·ln(1+i)/ln(1+n) (rises fast, then flattens);
     exp: geometric from `min` (default max/100) to max, min·(max/min)^((i−1)/(n−1)).
     """
@@ -322,6 +347,7 @@ def sparsify(
     schedule: SparsifySchedule | Mapping[str, Any] | None = None,
     out: str | os.PathLike | None = None,
     splits: tuple[str, str] = ("train", "eval"),
+    on_stage: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the dense stage and the rising-λ stages, recording each; returns the records (also JSONL in `out`).
 
@@ -330,7 +356,8 @@ def sparsify(
             vbshare.after_step after each); λ is already set on the model, `lam` is passed for logging.
         evaluate: `evaluate(split)` -> a metric (higher = better), or a dict of them; called with
             splits[0] (a FIXED training subset: "memorisation") and splits[1] (the eval set: "generalisation").
-        out: JSONL file, one record per stage, rewritten from the start and flushed stage by stage.
+        out: JSONL file, one record per stage, rewritten (atomically) after every stage with the records so far.
+        on_stage: called with each record as soon as its stage is done (e.g. to log it or snapshot the gates).
     Each record: stage, lam, threshold, steps, total_steps, ranks {module: r_kept}, r_max, retained_rank,
     nonzero_params (Σ r_kept·(in+out)), param_fraction (of the dense stage's), memorisation, generalisation and
     their *_rel (ratio to the dense stage).
@@ -342,12 +369,10 @@ def sparsify(
     if state.method != "sora":
         raise VBShareError(f"sparsify drives sora adapters, not {state.method}")
     path = Path(out) if out is not None else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
     records: list[dict[str, Any]] = []
     total = 0
-    stages = [(0, 0.0, schedule.dense_steps)] + [(i, lam, schedule.stage_steps) for i, lam in enumerate(lams, 1)]
+    dense_lam = 0.0 if schedule.dense_steps else state.config.lam  # 0 steps: the dense training happened before
+    stages = [(0, dense_lam, schedule.dense_steps)] + [(i, lam, schedule.stage_steps) for i, lam in enumerate(lams, 1)]
     for stage, lam, steps in stages:
         set_lambda(model, lam)
         if steps:
@@ -379,8 +404,9 @@ def sparsify(
         }
         records.append(record)
         if path is not None:
-            with path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        if on_stage is not None:
+            on_stage(record)
     return records
 
 

@@ -3,9 +3,8 @@
 * `train_run(method, run_dir, snapshot_every=N)`: the training app in-process (Hydra compose API), stopped every
   N steps with `trainer.stop_at_step` and resumed with `trainer.resume`; after each stop the training-form
   adapter `checkpoint/adapter` is copied to `snapshots/step_<N>/` (the trainer overwrites `checkpoint/`).
-* `sora_sparsify_run(run_dir)`: the app's setup (model, data, optimiser) driven through
-  `vbshare.sora.sparsify`, which the app itself does not run; writes `sora_stages.jsonl`, a gate snapshot per
-  stage in `snapshots/stage_<i>/` and the pruned adapter in `adapter/`.
+* `sora_sparsify_run(run_dir)`: SoRA through the app with its sparsifying stages (`trainer.sparsify`); the run
+  holds `sora_stages.jsonl`, a gate snapshot per stage in `snapshots/stage_<i>/` and the pruned adapter in `adapter/`.
 * `sweep(root, methods, seeds)`: one finished run per (method, seed) under `root/<method>/seed<k>/`.
 """
 from __future__ import annotations
@@ -16,29 +15,22 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import OmegaConf
 
-from ..adapters.sora import SparsifySchedule, sparsify
-from ..checkpoint import save_adapter
 from ..errors import VBShareError
-from ..files import atomic_write
 from ..train import CONFIG_DIR, run_training
-from ..data.batching import collate
-from ..train.batches import batch_indices, forward_loss
-from ..train.evaluation import evaluate
-from ..train.setup import setup
-from ..train.step import train_step
 from .common import SNAPSHOTS, PathLike
 
 DEMO = ("model=tiny_bert", "trainer=debug", "data.max_length=32")
 # Per method: hyperparameters that make the sharing machinery act within a few dozen steps.
 ACTIVE = {"aslora": {"merge_start": 5, "merge_every": 3, "share_ratio": 0.5}}
-# SoRA demo: τ = lr_gate · λ per step, so a gate lr of 5e-2 lets λ = 1..4 prune within a few steps per stage.
-SORA_SCHEDULE = {"schedule": "linear", "num_stages": 5, "max": 2.5, "dense_steps": 40, "stage_steps": 3}
+# SoRA demo: τ = lr_gate · λ per step, so a gate lr of 5e-2 lets λ up to 2.5 prune within a few steps per stage.
+SORA_SCHEDULE = {"schedule": "linear", "num_stages": 5, "max": 2.5, "stage_steps": 3}
 SORA_OVERRIDES = ("adapter.lr.gate=5.0e-2", "adapter.lr.default=1.0e-2", "adapter.lr.head=1.0e-2")
+SORA_DENSE_STEPS = 40  # the dense stage: the app's normal training, λ = 0
+SORA_TRAINER = (f"trainer.max_steps={SORA_DENSE_STEPS}", "adapter.lam=0", "trainer.eval_every=10",
+                "trainer.checkpoint_every=null")
 
 
 @contextlib.contextmanager
@@ -103,45 +95,22 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
 
 def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None, overrides: Sequence[str] = (),
                       hparams: dict[str, Any] | None = None, quiet: bool = True) -> Path:
-    """SoRA through the sparsifying scheduler on the app's task and model (constant learning rates).
+    """SoRA trained by the app with its sparsifying stages (`+trainer/sparsify=default`) into `run_dir`.
 
-    Memorisation = the task metric on the training split (the debug trainer keeps a few examples, a fixed
-    subset), generalisation = on the validation split. Writes `sora_stages.jsonl`, `config.yaml`,
-    `snapshots/stage_<i>/` (training form, with gates) and `adapter/` (pruned).
+    `schedule`: trainer.sparsify keys (schedule, num_stages, max, min, stage_steps, lr_factor, ...; default
+    SORA_SCHEDULE); the dense stage is the app's normal training of SORA_DENSE_STEPS steps. Memorisation = the
+    task metric on the training split (the debug trainer keeps a few examples, a fixed subset),
+    generalisation = on the validation split. The run directory holds `sora_stages.jsonl`,
+    `snapshots/stage_<i>/` (training form, with gates), `adapter/` (pruned) and summary.json.
     """
     run_dir = Path(run_dir)
-    schedule = SparsifySchedule(**(schedule or SORA_SCHEDULE))
-    cfg = compose([*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}), *overrides])
+    if (run_dir / "summary.json").exists():
+        raise VBShareError(f"{run_dir} already holds a finished run; give an empty folder")
+    stages = [f"trainer.sparsify.{k}={'null' if v is None else v}" for k, v in (schedule or SORA_SCHEDULE).items()]
+    cfg = compose([*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}),
+                   *SORA_TRAINER, "+trainer/sparsify=default", *stages, *overrides])
     with _quiet(quiet):
-        run = setup(cfg, run_dir)
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    train_data = run.data["train"]
-    metric = run.task.metric
-    done = {"steps": 0}
-
-    def train_steps(n_steps: int, lam: float) -> None:
-        run.model.train()
-        for _ in range(n_steps):
-            indices = batch_indices(len(train_data), cfg.trainer.batch_size, done["steps"], cfg.seed)
-            batch = collate(train_data, indices, run.pad_id, run.device)
-            done["steps"] += 1
-            train_step(run.model, run.optimizer, lambda: forward_loss(run.model, batch, run.task)[0], done["steps"])
-
-    stage = {"i": 0}
-
-    def score(split: str) -> dict[str, float]:
-        scores = evaluate(run, "train" if split == "train" else "validation")
-        if split != "train":  # the second call of a stage: snapshot the gates it ended with
-            save_adapter(run.model, run_dir / SNAPSHOTS / f"stage_{stage['i']:02d}", stored_form=False)
-            stage["i"] += 1
-        return {metric: scores[metric], **{k: v for k, v in scores.items() if k != metric}}
-
-    torch.manual_seed(cfg.seed)
-    try:
-        sparsify(run.model, train_steps, score, schedule, out=run_dir / "sora_stages.jsonl")
-        save_adapter(run.model, run_dir / "adapter", modules=run.mode.head_modules)
-    finally:
-        run.engine.end()
+        run_training(cfg, run_dir)
     return run_dir
 
 

@@ -1,9 +1,12 @@
 """SoRA's sharing pattern: the rank each module keeps (docs/methods.md §2, §4).
 
-Sources: the sparsifying scheduler's stage records (`vbshare.sora.sparsify(..., out=...)`, read with
-`vbshare.sora.read_records`; the demo writes them to `<run>/sora_stages.jsonl`), adapter folders along a run
-(training form with gates, or the pruned LoRA form whose `rank_pattern` holds the ranks) and summary.json's
-`sharing.retained_ranks`.
+Sources: the sparsifying scheduler's stage records (`<run>/sora_stages.jsonl`, written by the training app with
+`+trainer/sparsify=default`, or by `vbshare.sora.sparsify(..., out=...)`; read with `vbshare.sora.read_records`),
+adapter folders along a run (training form with gates in `snapshots/stage_<i>/`, or the pruned LoRA form whose
+`rank_pattern` holds the ranks) and summary.json's `sharing.retained_ranks`.
+
+Figures: the rank heatmap (modules × stages), the trade-off against λ, and score against retained rank and
+against retained adapter parameters, one point per stage (`plot_score_vs_retained`).
 """
 from __future__ import annotations
 
@@ -31,10 +34,20 @@ def stage_records(source: PathLike | Sequence[Mapping[str, Any]]) -> list[dict[s
     if path.is_dir():
         found = [path / name for name in STAGES_FILES if (path / name).is_file()]
         if not found:
-            raise VBShareError(f"{path} has no SoRA stage records ({' or '.join(STAGES_FILES)}); "
-                               "run vbshare.sora.sparsify with out=<run>/sora_stages.jsonl")
+            raise VBShareError(f"{path} has no SoRA stage records ({' or '.join(STAGES_FILES)}); train with "
+                               "+adapter=sora +trainer/sparsify=default (or run vbshare.sora.sparsify with "
+                               "out=<run>/sora_stages.jsonl)")
         path = found[0]
     return read_records(path)
+
+
+def score_name(records: Sequence[Mapping[str, Any]], metric: str | None = None) -> str:
+    """The metric the tables and figures show: `metric`, else the first of the records' score dicts (the
+    training app puts the task metric first), else "score" for records holding plain numbers."""
+    if metric is not None:
+        return metric
+    first = records[0].get("generalisation") if records else None
+    return next(iter(first)) if isinstance(first, Mapping) and first else "score"
 
 
 def _score(value: Any, metric: str | None) -> float | None:
@@ -176,4 +189,33 @@ def plot_tradeoff(stages: pd.DataFrame, title: str | None = None):
     right.set_ylabel("score relative to the dense stage")
     right.legend(fontsize=8)
     fig.suptitle(title or "SoRA: sparsifying stages")
+    return fig
+
+
+def plot_score_vs_retained(stages: pd.DataFrame, metric: str = "score", title: str | None = None):
+    """One point per stage, labelled with its λ: memorisation (fixed training subset) and generalisation
+    (validation) against the retained rank summed over modules (left) and against the non-zero adapter
+    parameters (right). Both x axes start at 0; the dotted lines are the dense stage's scores."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    scores = [c for c in ("memorisation", "generalisation") if c in stages and stages[c].notna().any()]
+    for ax, x, label in ((axes[0], "retained_rank", "retained rank (sum over modules)"),
+                         (axes[1], "nonzero_params", "non-zero adapter parameters")):
+        for col, marker in zip(scores, ("o", "s")):
+            line, = ax.plot(stages[x], stages[col], marker=marker, label=col)
+            ax.axhline(stages[col].iloc[0], color=line.get_color(), lw=0.8, ls=":")
+        for row in stages.itertuples():
+            top = max(getattr(row, c) for c in scores) if scores else 0
+            ax.annotate(f"λ={row.lam:g}", (getattr(row, x), top), textcoords="offset points", xytext=(0, 6),
+                        fontsize=7, ha="center")
+        ax.set_xlim(left=0, right=max(stages[x].max(), 1) * 1.08)
+        ax.set_xlabel(label)
+    values = stages[scores].to_numpy(dtype=float) if scores else np.zeros(1)
+    if np.nanmin(values) >= 0 and np.nanmax(values) <= 1:  # a rate (accuracy, F1): the whole 0..1 scale
+        axes[0].set_ylim(0, 1.08)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or f"SoRA: {metric} vs what each stage retains (dotted: the dense stage)")
     return fig

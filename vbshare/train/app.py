@@ -9,7 +9,7 @@ Data-parallel: `torchrun --nproc_per_node N -m vbshare.train ...` or `accelerate
 The parts, each in its own module: setup.py (engine, task, model, optimiser), modes.py (adapter / full
 fine-tuning / head-only), engine.py (Accelerate: processes, precision, DDP/FSDP), loop.py (the steps),
 step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py, checkpoints.py (resume),
-outputs.py (metrics.jsonl, summary.json).
+outputs.py (metrics.jsonl, summary.json), sparsify.py (trainer.sparsify: stages after the dense training).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ..errors import VBShareError
 from .loop import train
 from .outputs import save_outputs
 from .setup import setup
+from .sparsify import sparsify_stages
 
 log = logging.getLogger("vbshare.train")
 
@@ -49,8 +50,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
             atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
         run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
         try:
+            stages = sparsify_stages(run)  # trainer.sparsify: checked before the first step, run after the last
             if not train(run):
                 return None
+            if stages is not None:
+                stages()
             run.rank_diff = run.engine.check_in_sync(run.optimizer, run.step)  # identical before rank 0 saves
             return save_outputs(run, time.perf_counter() - started)
         finally:

@@ -72,6 +72,8 @@ def save_outputs(run: "Run", wall_seconds: float) -> dict[str, Any] | None:
         "precision": engine.precision,
         "grad_accum_steps": cfg.trainer.get("grad_accum_steps", 1),
     }
+    if run.sparsify is not None:  # trainer.sparsify: one line of numbers per stage (the method's stage file has more)
+        summary["sparsify"] = run.sparsify
     if engine.distributed:
         summary["distributed"] = {"world_size": engine.num_processes, "backend": engine.backend,
                                   "strategy": engine.strategy, "max_param_diff_across_ranks": run.rank_diff}

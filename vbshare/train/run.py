@@ -34,6 +34,7 @@ class Run:
     logger_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_diff: float | None = None  # data parallel: largest trained-value difference between processes at the end
+    sparsify: dict[str, Any] | None = None  # trainer.sparsify: the stage records' numbers, for summary.json
 
     @property
     def is_main(self) -> bool:
