@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from torch import nn
@@ -220,8 +221,8 @@ def test_eval_test_false_never_scores_the_test_split(tmp_path):
 
 # -- adapter config keys that are not hyperparameters ---------------------------------------------------------
 def test_search_space_and_size_key_stay_out_of_inject(tmp_path):
-    summary = train(["+adapter=lora", *BASE, "trainer.max_steps=1", "+adapter.size_key=r",
-                     "+adapter.search={lr.A: [1e-4, 1e-2]}"], tmp_path)
+    summary = train(["+adapter=lora", *BASE, "trainer.max_steps=1"], tmp_path)  # lora.yaml has search, size_key
+    assert {"search", "size_key"} <= set(yaml.safe_load((tmp_path / "config.yaml").read_text())["adapter"])
     assert summary["hyperparameters"]["r"] == 8
     assert "search" not in summary["hyperparameters"] and "size_key" not in summary["hyperparameters"]
 

@@ -61,8 +61,9 @@ def test_experiment_composes_and_runs(experiment, tmp_path):
     assert dirs
     methods = {json.loads((d / "summary.json").read_text())["method"] for d in dirs}
     if experiment == "compare":
-        assert methods == {"head_only", "full_finetune", "lora", "vblora", "aslora", "sora"}
-        assert len(dirs) == 7  # aslora twice: similarity and random pairing
+        assert methods == {"head_only", "full_finetune", "lora", "vblora", "aslora", "sora", "vera", "unilora",
+                           "tied_lora", "nola"}
+        assert len(dirs) == 11  # aslora twice: similarity and random pairing
     table = report.summarise(report.collect_runs(sweep))
     assert len(table) == len(dirs)
 
