@@ -8,7 +8,6 @@ parallelism and build the optimiser (AdamW over the mode's parameter groups, eac
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -30,17 +29,23 @@ log = logging.getLogger("vbshare.train")
 
 DATA_ORDER_SEED_STRIDE = 1_000_003  # as in batches.py: seeds of process k > 0 start past every epoch's seed
 RANK_SEED_STRIDE = 7_919  # process k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
-LOAD_SLACK = 0.5  # load-average share not counted as a busy core by num_threads=auto
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a job scheduler's or taskset's allotment)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def set_threads(setting: int | str | None) -> int:
-    """CPU threads for torch. "auto": the cores not already busy (cpu count minus the 1-minute load
-    average, at least 1) — oversubscribing a shared machine makes every step several times slower."""
+    """CPU threads for torch. "auto": one per core this process may run on (`usable_cores`); a number as
+    given; None leaves torch's default. The load average is not consulted: cores waiting on I/O count in it
+    although they are free to compute. On a machine shared with other jobs, set a number."""
     if setting is None:
         return torch.get_num_threads()
     if setting == "auto":
-        busy = math.ceil(os.getloadavg()[0] - LOAD_SLACK)
-        setting = max(1, (os.cpu_count() or 1) - max(0, busy))
+        setting = usable_cores()
     if not isinstance(setting, int) or setting < 1:
         raise VBShareError(f"trainer.num_threads must be a positive integer, auto or null, got {setting!r}")
     torch.set_num_threads(setting)
