@@ -80,6 +80,12 @@ class RunMode:
             raise VBShareError(f"the checkpoint in {folder} holds other weights than this run trains; "
                                "resume with the same model and adapter settings")
 
+    snapshots = False  # trainer.snapshot_every works for this mode
+
+    def save_snapshot(self, model: nn.Module, folder: Path) -> None:
+        """The trained weights of one step, in training form, as a folder of its own (trainer.snapshot_every)."""
+        raise NotImplementedError
+
     def trained_state(self, model: nn.Module) -> dict[str, Tensor]:
         """The trained weights under their full names."""
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -117,6 +123,12 @@ class AdapterMode(RunMode):
         """Training form (`stored_form=False`): the adapter tensors, the method's metadata (e.g. ASLoRA's
         tie-sets, SoRA's unpruned gates) and the head."""
         vbshare.save_adapter(model, folder / ADAPTER, modules=self.head_modules, stored_form=False)
+
+    snapshots = True
+
+    def save_snapshot(self, model: nn.Module, folder: Path) -> None:
+        """A `save_adapter` folder in training form, with the head (vbshare.analysis reads it)."""
+        vbshare.save_adapter(model, folder, modules=self.head_modules, stored_form=False)
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         vbshare.load_adapter(model, folder / ADAPTER)  # metadata (e.g. tie-sets) first, then tensors and head

@@ -7,15 +7,18 @@ parallelism and build the optimiser (AdamW over the mode's parameter groups, eac
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from ..data.tasks import Task, tokenize_task
 from ..errors import VBShareError
@@ -50,6 +53,18 @@ def set_threads(setting: int | str | None) -> int:
         raise VBShareError(f"trainer.num_threads must be a positive integer, auto or null, got {setting!r}")
     torch.set_num_threads(setting)
     return setting
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" progress bars off while a model loads (they flood sweeps)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def set_dropout(model: nn.Module, p: float | None) -> None:
@@ -100,6 +115,16 @@ def check_batch(trainer: DictConfig, engine: Engine) -> None:
             f"processes ({engine.num_processes}) times trainer.grad_accum_steps ({accum})")
 
 
+def check_snapshots(every: int | None, mode: RunMode) -> None:
+    if every is None:
+        return
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise VBShareError(f"trainer.snapshot_every must be a positive integer or null, got {every!r}")
+    if not mode.snapshots:
+        raise VBShareError("trainer.snapshot_every keeps adapter snapshots and this run trains no adapter; "
+                           "set trainer.snapshot_every=null")
+
+
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
     t = cfg.trainer
@@ -124,7 +149,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     set_seed(cfg.seed)
 
     task: Task = instantiate(cfg.data)
-    model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    with no_loading_bars():
+        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
     set_dropout(model, t.get("dropout"))
     data = tokenize_task(task, tokenizer, t.max_examples)
     if len(data["train"]) < t.batch_size:
@@ -135,6 +161,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
              "blocks" if task.kind == "lm" else "examples")
 
     mode = run_mode(cfg, task.kind)
+    check_snapshots(t.get("snapshot_every"), mode)
     mode.prepare(model)
     keep_trained_in_fp32(model, engine.precision)
     if t.get("activation_checkpointing", False):
