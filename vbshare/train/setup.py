@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from accelerate.utils import set_seed
@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..data.tasks import Task, tokenize_task
+from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
 from . import checkpoints
 from .engine import Engine
@@ -125,6 +125,15 @@ def check_snapshots(every: int | None, mode: RunMode) -> None:
                            "set trainer.snapshot_every=null")
 
 
+def build_task_and_model(cfg: DictConfig) -> tuple[Task, nn.Module, Any, dict[str, Encoded]]:
+    """The task (`cfg.data`), a fresh model and its tokenizer (`cfg.model`; seeded by `cfg.seed`) and the
+    tokenised splits, capped at trainer.max_examples: what training and `vbshare.evaluate` start from."""
+    task: Task = instantiate(cfg.data)
+    with no_loading_bars():
+        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    return task, model, tokenizer, tokenize_task(task, tokenizer, cfg.trainer.max_examples)
+
+
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
     t = cfg.trainer
@@ -148,11 +157,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     log.info("device %s%s, precision %s", engine.device, f" ({threads} threads)" if threads else "", engine.precision)
     set_seed(cfg.seed)
 
-    task: Task = instantiate(cfg.data)
-    with no_loading_bars():
-        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    task, model, tokenizer, data = build_task_and_model(cfg)
     set_dropout(model, t.get("dropout"))
-    data = tokenize_task(task, tokenizer, t.max_examples)
     if len(data["train"]) < t.batch_size:
         raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
                            f"{t.batch_size}; use a smaller trainer.batch_size")
