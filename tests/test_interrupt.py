@@ -29,6 +29,7 @@ from vbshare.train.interrupt import TrainingInterrupted
 COMMON = ["+adapter=lora", "model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropout=0",
           "trainer.checkpoint_every=null", "trainer.eval_every=1000"]
 SPAWN_TIMEOUT_S = 120
+DATA_PARALLEL_TOLERANCE = 1e-4  # 2 processes vs 1 over 200 steps (tests/test_ddp.py: 1e-5 over 6 steps)
 
 
 def compose_config(overrides: list[str]):
@@ -137,3 +138,48 @@ def test_sigterm_subprocess_resumes_into_one_record(tmp_path):
     assert losses == train_losses(tmp_path / "reference")
     assert summary["final"] == reference["final"]
     assert_same_adapter(run_dir, tmp_path / "reference")
+
+
+def worker_with_rank(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker of `parent` whose environment says RANK=<rank>."""
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+        time.sleep(0.05)
+    raise AssertionError("no torchrun worker found")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
+    """Data parallel (2 CPU processes): SIGTERM to rank 1 alone; both stop at the same step (rank 0 writes the
+    checkpoint of that step and prints the resume line), and the resumed run ends with the adapter of an
+    uninterrupted one-process run."""
+    steps = 200
+    overrides = [*COMMON, f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.max_examples=24"]
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env_overrides = [*overrides, "trainer.num_threads=1"]  # two processes on a small machine
+    process = spawn([*torchrun, "-m", "vbshare.train", *env_overrides, f"hydra.run.dir={run_dir}"], tmp_path)
+    rank1 = worker_with_rank(process.pid, 1)
+    wait_for_steps(run_dir / "metrics.jsonl", 2, process)
+    os.kill(rank1, signal.SIGTERM)
+    out, err = process.communicate(timeout=SPAWN_TIMEOUT_S)
+    assert process.returncode != 0
+    told = [line for line in (out + err).splitlines() if "interrupted at step" in line]
+    assert len(told) == 1, out + err[-3000:]
+    stopped_at = int(told[0].split("interrupted at step ")[1].split(";")[0])
+    assert 2 <= stopped_at < steps and read_trainer_state(run_dir)["step"] == stopped_at
+    assert "torchrun --nproc_per_node=2 -m vbshare.train" in told[0]
+
+    resume = spawn([*torchrun, "-m", "vbshare.train", *env_overrides, f"trainer.resume={run_dir}"], tmp_path)
+    out, err = resume.communicate(timeout=SPAWN_TIMEOUT_S)
+    assert resume.returncode == 0, err[-3000:]
+    assert [step for step, _ in train_losses(run_dir)] == list(range(1, steps + 1))
+    run_training(compose_config(overrides), tmp_path / "reference")
+    a, b = adapter_tensors(run_dir), adapter_tensors(tmp_path / "reference")
+    assert a.keys() == b.keys()
+    for key in a:  # two halves of a batch sum in another order than the whole batch, over 200 steps
+        torch.testing.assert_close(a[key], b[key], atol=DATA_PARALLEL_TOLERANCE, rtol=0)
