@@ -118,6 +118,9 @@ def test_decoder_smollm2_perplexity(tmp_path):
     ppl = summary["final"]["validation"]["perplexity"]
     assert math.isfinite(ppl) and ppl > 1.0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    nats, tokens = sum(r["loss"] * r["tokens"] for r in rows), sum(r["tokens"] for r in rows)  # per-example rows
+    assert math.exp(nats / tokens) == pytest.approx(summary["final"]["test"]["perplexity"], rel=1e-9)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

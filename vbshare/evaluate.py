@@ -110,10 +110,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         model = mode.load_outputs(model, run_dir).to(engine.device)
         scores, rows = score_split(model, task, data[split], engine, cfg.trainer.eval_batch_size,
                                    tokenizer.pad_token_id or 0)
+        is_main = engine.is_main
     finally:
         engine.end()
     log.info("%s %s %s", run_dir, split, format_scores(scores))
-    if predictions_path is not None and engine.is_main:
+    if predictions_path is not None and is_main:
         write_predictions(Path(predictions_path), rows)
     return {"run_dir": str(run_dir), "split": split, "task": task.name, "metric": task.metric, "scores": scores,
             "examples": len(data[split]), "predictions": None if predictions_path is None else str(predictions_path)}

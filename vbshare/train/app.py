@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -96,8 +97,6 @@ def objective(summary: dict[str, Any] | None) -> float | None:
 
 
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
@@ -109,10 +108,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command line that continues `run_dir`: this one's overrides plus trainer.resume=<run_dir>."""
+    """The command line that continues `run_dir`: this run's own overrides (one job's, in a sweep) plus
+    trainer.resume=<run_dir>."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    kept = [arg for arg in sys.argv[1:] if not arg.startswith(RESUME_SET_KEYS)]
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+    kept = [arg for arg in overrides if not arg.startswith(RESUME_SET_KEYS)]
     return shlex.join([*launcher, "-m", "vbshare.train", *kept, f"trainer.resume={run_dir}"])
 
 
