@@ -46,7 +46,8 @@ USER_ERRORS = (VBShareError, HydraException, OmegaConfBaseException)  # reported
 # everything else still shows.
 KNOWN_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
 # Hydra plugins' start-up lines in sweeps, by logger: messages beginning with these are dropped.
-PLUGIN_CHATTER = {"hydra_plugins.hydra_joblib_launcher._core": ("Joblib.Parallel(",)}
+PLUGIN_CHATTER = {"hydra_plugins.hydra_joblib_launcher._core": ("Joblib.Parallel(",),
+                  "hydra_plugins.hydra_optuna_sweeper._impl": ("Storage: ", "Sampler: ", "Directions: ")}
 QUIET_LOGGERS = ("alembic",)  # Optuna's storage layer logs every plugin it sets up, at INFO
 # Overrides that say where and from which step a run continues: replaced in the printed resume command.
 RESUME_SET_KEYS = ("trainer.resume=", "trainer.stop_at_step=", "hydra.run.dir=", "hydra.output_subdir=")
