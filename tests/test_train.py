@@ -11,16 +11,30 @@ import math
 import os
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from safetensors.torch import load_file
 
+from vbshare.analysis import demo
+from vbshare.analysis.common import list_snapshots
+from vbshare.analysis.vblora import selection_drift
+from vbshare.errors import VBShareError
 from vbshare.registry import METHODS
 from vbshare.train import CONFIG_DIR, run_training
+from vbshare.train import evaluation
+from vbshare.train import loop as train_loop
+from vbshare.train import outputs as train_outputs
+from vbshare.train import setup as train_setup
 from vbshare.train.batches import batch_indices
+from vbshare.train.checkpoints import read_trainer_state
 from vbshare.train.loop import lr_factor
+from vbshare.train.setup import set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer=debug", "data.max_length=32"]
@@ -104,6 +118,9 @@ def test_decoder_smollm2_perplexity(tmp_path):
     ppl = summary["final"]["validation"]["perplexity"]
     assert math.isfinite(ppl) and ppl > 1.0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    nats, tokens = sum(r["loss"] * r["tokens"] for r in rows), sum(r["tokens"] for r in rows)  # per-example rows
+    assert math.exp(nats / tokens) == pytest.approx(summary["final"]["test"]["perplexity"], rel=1e-9)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -184,3 +201,108 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     train(["+adapter=lora", "model=tiny_bert", "logger=wandb", *FAST], tmp_path / "run")
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+# -- threads, resume records, snapshots, the final evaluation, help ------------------------------------------------
+def test_num_threads_auto_follows_affinity_not_load(monkeypatch):
+    """auto = the cores this process may run on, whatever the load average says."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    try:
+        assert set_threads("auto") == 3 and torch.get_num_threads() == 3
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+        assert set_threads(None) == 2  # null: leave torch's setting
+        with pytest.raises(VBShareError, match="num_threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stop_at_step_checkpoints_there_and_wall_time_sums(tmp_path):
+    """stop_at_step=3 with no periodic checkpoints still checkpoints step 3, so the resumption redoes nothing;
+    summary.json's wall time covers both segments."""
+    common = ["+adapter=lora", "model=tiny_bert", *FAST, "trainer.max_steps=6", "trainer.checkpoint_every=null"]
+    assert train([*common, "trainer.stop_at_step=3"], tmp_path) is None
+    state = read_trainer_state(tmp_path)
+    assert state["step"] == 3
+    started = time.perf_counter()
+    summary = train([*common, f"trainer.resume={tmp_path}"], tmp_path)
+    second = time.perf_counter() - started
+    assert [r["step"] for r in read_metrics(tmp_path) if "split" not in r] == list(range(1, 7))
+    assert state["wall_seconds"] + 0.5 * second < summary["wall_time_s"] < state["wall_seconds"] + second
+
+
+def test_snapshot_every_feeds_the_drift_analysis(tmp_path):
+    """trainer.snapshot_every=2 over 4 steps: training-form adapters of steps 2 and 4 (the latter equal to the
+    step-4 checkpoint's), which vbshare.analysis reads; demo.train_run uses the option."""
+    run_dir = demo.train_run("vblora", tmp_path / "run", snapshot_every=2)
+    snapshots = list_snapshots(run_dir)
+    assert [step for step, _ in snapshots] == [2, 4]
+    last = load_file(str(snapshots[-1][1] / "adapter_model.safetensors"))
+    checkpoint = load_file(str(run_dir / "checkpoint" / "adapter" / "adapter_model.safetensors"))
+    assert last.keys() == checkpoint.keys() and all(torch.equal(last[k], checkpoint[k]) for k in last)
+    drift = selection_drift(snapshots)
+    assert len(drift) > 0
+
+
+def test_snapshot_every_refused_without_adapter(tmp_path):
+    with pytest.raises(VBShareError, match="snapshot_every"):
+        train(["+adapter=head_only", "model=tiny_bert", *FAST, "trainer.snapshot_every=2"], tmp_path)
+    with pytest.raises(VBShareError, match="snapshot_every"):
+        train(["+adapter=lora", "model=tiny_bert", *FAST, "trainer.snapshot_every=0"], tmp_path)
+
+
+def test_final_validation_reuses_the_last_steps(tmp_path, monkeypatch):
+    """The last step evaluated validation already: the final scores are those, not a second pass."""
+    calls = []
+
+    def counting(run, split):
+        calls.append(split)
+        return evaluation.evaluate(run, split)
+
+    monkeypatch.setattr(train_outputs, "evaluate", counting)
+    monkeypatch.setattr(train_loop, "evaluate", counting)
+    summary = train(["+adapter=lora", "model=tiny_bert", *FAST], tmp_path)
+    assert calls == ["validation", "validation"]  # steps 2 and 4 (trainer=debug); none at the end
+    last = [r for r in read_metrics(tmp_path) if r.get("split") == "validation"][-1]
+    assert summary["final"]["validation"] == {k: v for k, v in last.items() if k not in ("step", "split")}
+
+
+def test_known_warning_filtered_others_kept(tmp_path, monkeypatch):
+    """The deprecated-alias FutureWarning is silenced during a run; any other warning still shows."""
+    original = train_setup.set_dropout
+
+    def warn_then_set(model, p):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+        warnings.warn("a real problem", FutureWarning)
+        original(model, p)
+
+    monkeypatch.setattr(train_setup, "set_dropout", warn_then_set)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(["+adapter=lora", "model=tiny_bert", *FAST], tmp_path)
+    messages = [str(w.message) for w in seen]
+    assert "a real problem" in messages
+    assert not any("is_gradient_checkpointing" in m for m in messages)
+
+
+def test_model_loading_shows_no_progress_bars(capfd):
+    cfg = compose_config(["model=minilm", *FAST])
+    train_setup.build_task_and_model(cfg)
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_cli_failed_resume_leaves_no_folder(tmp_path):
+    done = cli(["+adapter=lora", "model=tiny_bert", *FAST, f"trainer.resume={tmp_path / 'nothing'}"], tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: no checkpoint"), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no run folder, no resume folder
+
+
+def test_cli_help_names_groups_and_output(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vbshare.train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0
+    for needle in ("+adapter=", "model:", "trainer:", "outputs/", "vbshare.evaluate", "trainer.resume="):
+        assert needle in done.stdout, needle

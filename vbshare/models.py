@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -154,7 +154,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     log.warning("converting %s to an fp32 safetensors folder at %s (one time per machine)...", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    tmp.mkdir()  # mode 0o777 minus the umask, like any folder the user makes (mkdtemp's would be private)
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
@@ -169,7 +170,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
                 setattr(model, attr, False if attr == "is_quantized" else None)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)  # mkdtemp creates it private
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep its folder

@@ -1,8 +1,8 @@
 """Small runs for the notebooks when no run directory is given (seconds on a CPU, `model=tiny_bert trainer=debug`).
 
-* `train_run(method, run_dir, snapshot_every=N)`: the training app in-process (Hydra compose API), stopped every
-  N steps with `trainer.stop_at_step` and resumed with `trainer.resume`; after each stop the training-form
-  adapter `checkpoint/adapter` is copied to `snapshots/step_<N>/` (the trainer overwrites `checkpoint/`).
+* `train_run(method, run_dir, snapshot_every=N)`: the training app in-process (Hydra compose API); with
+  `trainer.snapshot_every=N` it keeps the training-form adapter of every N-th step (and of the last) in
+  `snapshots/step_<N>/`.
 * `sora_sparsify_run(run_dir)`: SoRA through the app with its sparsifying stages (`trainer.sparsify`); the run
   holds `sora_stages.jsonl`, a gate snapshot per stage in `snapshots/stage_<i>/` and the pruned adapter in `adapter/`.
 * `sweep(root, methods, seeds)`: one finished run per (method, seed) under `root/<method>/seed<k>/`.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,7 +19,7 @@ from hydra import initialize_config_dir
 
 from ..errors import VBShareError
 from ..train import CONFIG_DIR, run_training
-from .common import SNAPSHOTS, PathLike
+from .common import PathLike
 
 DEMO = ("model=tiny_bert", "trainer=debug", "data.max_length=32")
 # Per method: hyperparameters that make the sharing machinery act within a few dozen steps.
@@ -66,7 +65,8 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
     """Train one run of the app into `run_dir` (tiny BERT, debug trainer unless overridden) and return it.
 
     `hparams` are the method's hyperparameters (placed by `hparam_overrides`; default: ACTIVE's for the method);
-    `snapshot_every`: copy the training-form adapter to `snapshots/step_<N>/` every that many steps.
+    `snapshot_every`: keep the training-form adapter in `snapshots/step_<N>/` every that many steps
+    (`trainer.snapshot_every`).
     """
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
@@ -75,21 +75,10 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
     base = [*DEMO, *overrides]
     if method:
         base[len(DEMO):len(DEMO)] = [f"+adapter={method}", *hparam_overrides(method, values)]
+    if snapshot_every:
+        base.append(f"trainer.snapshot_every={snapshot_every}")
     with _quiet(quiet):
-        if not snapshot_every:
-            run_training(compose(base), run_dir)
-            return run_dir
-        max_steps = int(compose(base).trainer.max_steps)
-        stops = list(range(snapshot_every, max_steps, snapshot_every)) + [max_steps]
-        for i, stop in enumerate(stops):
-            extra = [f"trainer.checkpoint_every={snapshot_every}", f"trainer.stop_at_step={stop}"]
-            if i:
-                extra.append(f"trainer.resume={run_dir}")
-            run_training(compose([*base, *extra]), run_dir)
-            if method:
-                target = run_dir / SNAPSHOTS / f"step_{stop:06d}"
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(run_dir / "checkpoint" / "adapter", target)
+        run_training(compose(base), run_dir)
     return run_dir
 
 

@@ -8,24 +8,33 @@ Data-parallel: `torchrun --nproc_per_node N -m vbshare.train ...` or `accelerate
 
 The parts, each in its own module: setup.py (engine, task, model, optimiser), modes.py (adapter / full
 fine-tuning / head-only), engine.py (Accelerate: processes, precision, DDP/FSDP), loop.py (the steps),
-step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py, checkpoints.py (resume),
-outputs.py (metrics.jsonl, summary.json), sparsify.py (trainer.sparsify: stages after the dense training).
+step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py (scores, predictions),
+checkpoints.py (resume, snapshots), interrupt.py (SIGINT / SIGTERM), outputs.py (metrics.jsonl, summary.json),
+sparsify.py (trainer.sparsify: stages after the dense training).
+
+A resumption (`trainer.resume=<run dir>`) continues the run in its own folder: Hydra's output folder is set to
+it, so train.log, metrics.jsonl and summary.json stay one record per run. Ctrl-C or SIGTERM saves a checkpoint
+at the end of the current step, prints one line with the command that continues, and exits with 130 / 143.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
 from ..errors import VBShareError
+from . import checkpoints, interrupt
 from .loop import train
 from .outputs import save_outputs
 from .setup import setup
@@ -35,6 +44,16 @@ log = logging.getLogger("vbshare.train")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # repo-root configs/ (editable install)
 USER_ERRORS = (VBShareError, HydraException, OmegaConfBaseException)  # reported as one line, no traceback
+# Warnings that say nothing to a user of the app (a library's deprecated alias that another library reads);
+# everything else still shows.
+KNOWN_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+# Hydra plugins' start-up lines in sweeps, by logger: messages beginning with these are dropped.
+PLUGIN_CHATTER = {"hydra_plugins.hydra_joblib_launcher._core": ("Joblib.Parallel(",),
+                  "hydra_plugins.hydra_optuna_sweeper._impl": ("Storage: ", "Sampler: ", "Directions: ")}
+QUIET_LOGGERS = ("alembic",)  # Optuna's storage layer logs every plugin it sets up, at INFO
+# Overrides that say where and from which step a run continues: replaced in the printed resume command.
+RESUME_SET_KEYS = ("trainer.resume=", "trainer.stop_at_step=", "hydra.run.dir=", "hydra.output_subdir=")
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
@@ -42,9 +61,18 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     and on every process but rank 0).
 
     Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir)`.
+    SIGINT / SIGTERM during the run: a checkpoint of the current step, then `TrainingInterrupted`.
     """
     started = time.perf_counter()
-    run = setup(cfg, Path(run_dir))
+    with interrupt.catch_stop_signals(), warnings.catch_warnings():
+        for message in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        return _train(cfg, Path(run_dir), started)
+
+
+def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any] | None:
+    run = setup(cfg, run_dir)
+    run.segment_started = started  # wall time counts model loading too (earlier segments: from the checkpoint)
     try:
         if run.is_main:
             atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -56,7 +84,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
             if stages is not None:
                 stages()
             run.rank_diff = run.engine.check_in_sync(run.optimizer, run.step)  # identical before rank 0 saves
-            return save_outputs(run, time.perf_counter() - started)
+            return save_outputs(run)
         finally:
             run.logger.finish({"best_" + k: v for k, v in (run.best or {}).items() if k != "split"})
     finally:
@@ -75,12 +103,53 @@ def objective(summary: dict[str, Any] | None) -> float | None:
 
 
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
         exit_with(err)
+    except interrupt.TrainingInterrupted as stop:
+        if stop.is_main:
+            log.warning("interrupted at step %d; continue with: %s", stop.step, resume_command(stop.run_dir))
+        sys.exit(stop.exit_code)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues `run_dir`: this run's own overrides (one job's, in a sweep) plus
+    trainer.resume=<run_dir>."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+    kept = [arg for arg in overrides if not arg.startswith(RESUME_SET_KEYS)]
+    return shlex.join([*launcher, "-m", "vbshare.train", *kept, f"trainer.resume={run_dir}"])
+
+
+def hydra_quoted(value: str) -> str:
+    """A value for a Hydra override, quoted so that any path parses as one string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """Command-line overrides for a resumption (`trainer.resume=<dir>`, single run): Hydra's output folder
+    becomes the run's own, so the log goes on in <dir>/train.log, the first segment's .hydra/ stays as it was
+    and no other folder is created. A folder without a checkpoint is refused before Hydra creates anything."""
+    if any(arg in MULTIRUN_FLAGS for arg in argv):
+        return argv
+    values = [arg.split("=", 1)[1] for arg in argv if arg.startswith("trainer.resume=")]
+    if not values or values[-1] in ("", "null"):
+        return argv
+    resume_dir = Path(values[-1].strip("'\""))
+    checkpoints.find_checkpoint(resume_dir)
+    if any(arg.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for arg in argv):
+        return argv
+    return [*argv, f"hydra.run.dir={hydra_quoted(str(resume_dir))}", "hydra.output_subdir=null"]
+
+
+def quiet_plugin_chatter() -> None:
+    """Drop the start-up lines of Hydra's launcher and sweeper plugins (PLUGIN_CHATTER, QUIET_LOGGERS)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, prefixes in PLUGIN_CHATTER.items():
+        logging.getLogger(name).addFilter(lambda record, drop=prefixes: not record.getMessage().startswith(drop))
 
 
 def exit_with(err: BaseException) -> None:
@@ -128,7 +197,9 @@ def main() -> None:
               "(pip install -e .)", file=sys.stderr)
         sys.exit(2)
     app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_hydra_main)
+    quiet_plugin_chatter()
     try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
         app()
     except USER_ERRORS as err:  # composition errors: unknown group option, typo'd key, missing value
         if debug:

@@ -1,5 +1,8 @@
 """Resumable checkpoints inside a run directory: `<run dir>/checkpoint/`, written atomically by rank 0.
 
+`trainer.snapshot_every=N` also keeps the trained weights of every N-th step (training form) in
+`<run dir>/snapshots/step_<N>/`, for analyses along a run.
+
 A checkpoint holds the trained weights in their training form (through the run mode: the adapter folder with
 its metadata and the head, or the trained weights by name), the optimiser state, the RNG states, the step
 (which fixes the data-order position), the best score, the training time so far, the logger's run id and the
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vbshare.train")
 
 CHECKPOINT = "checkpoint"  # resumable state inside a run directory
+SNAPSHOTS = "snapshots"  # trainer.snapshot_every: <run dir>/snapshots/step_<N>/ (what vbshare.analysis reads)
 TRAINER_STATE = "trainer_state.pt"
 # Config keys that may change between an interrupted run and its resumption.
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.progress_bar", "trainer.device", "logger")
@@ -91,6 +95,7 @@ def save_checkpoint(run: "Run") -> None:
         "rng": rng_states(),
         "best": run.best,
         "train_seconds": run.train_seconds,
+        "wall_seconds": run.wall_seconds(),
         "logger_id": run.logger_id,
         "config": comparable_config(run.cfg),
     }, tmp / TRAINER_STATE)
@@ -117,8 +122,24 @@ def restore_trainer_state(run: "Run", state: dict[str, Any]) -> None:
     set_rng_states(state["rng"])
     run.step, run.best = state["step"], state["best"]
     run.train_seconds, run.logger_id = state["train_seconds"], state["logger_id"]
+    run.earlier_wall_seconds = state.get("wall_seconds", 0.0)
     metrics = run.run_dir / "metrics.jsonl"
     if metrics.is_file() and run.is_main:  # drop what the interrupted run logged after its last checkpoint
         run.history = [r for r in read_jsonl(metrics) if r["step"] <= run.step]
         atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in run.history).encode())
     log.info("continuing at step %d", run.step)
+
+
+def snapshot_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / SNAPSHOTS / f"step_{step:06d}"
+
+
+def save_snapshot(run: "Run") -> None:
+    """Copy the trained weights of this step, in training form, to <run dir>/snapshots/step_<N>/ (rank 0;
+    built in a temporary folder and renamed into place; a resumed run rewrites a step it redoes)."""
+    final = snapshot_folder(run.run_dir, run.step)
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.mode.save_snapshot(run.model, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)

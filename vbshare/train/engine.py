@@ -197,6 +197,14 @@ class Engine:
     def sum_over_processes(self, value: Tensor) -> Tensor:
         return self.accelerator.reduce(value.detach().clone(), reduction="sum") if self.distributed else value
 
+    def max_over_processes(self, value: int) -> int:
+        """The largest of every process's integer (e.g. a stop request: one process's stops them all)."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor(value, dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # Accelerate's reduce knows sum and mean only
+        return int(tensor)
+
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Every process's items, concatenated in process order (the items themselves on one process)."""
         return gather_object(items) if self.distributed else items

@@ -5,7 +5,9 @@ keep this process's share cut into `grad_accum_steps` micro-batches, and run `tr
 `extra_loss`, backward, clipping, `optimizer.step()`, `after_step`). Each micro-batch's summed loss is divided
 by the global batch's count of examples (target tokens for a language model), so any split into processes and
 micro-batches trains the same model as one full batch. Then bookkeeping: metrics every `log_every` steps,
-validation every `eval_every` steps, an atomic checkpoint every `checkpoint_every` steps.
+validation every `eval_every` steps, a training-form adapter snapshot every `snapshot_every` steps, an atomic
+checkpoint every `checkpoint_every` steps, and one at the step where the run stops early (`stop_at_step`, or
+SIGINT / SIGTERM: see interrupt.py), so that `trainer.resume` redoes no step.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .batches import batch_indices, collate, count_targets, forward_loss, shard_micro_batches
-from .checkpoints import save_checkpoint
+from . import interrupt
+from .checkpoints import save_checkpoint, save_snapshot
 from .evaluation import evaluate, format_scores, update_best
 from .outputs import write_metrics
 from .step import MicroLoss, train_step
@@ -56,9 +59,13 @@ def micro_losses(run: "Run", step: int) -> list[MicroLoss]:
 
 
 def train(run: "Run") -> bool:
-    """Run optimiser steps from run.step to max_steps; False when stopped early by trainer.stop_at_step."""
+    """Run optimiser steps from run.step to max_steps; False when stopped early by trainer.stop_at_step.
+
+    Raises TrainingInterrupted after checkpointing the current step when SIGINT / SIGTERM arrived
+    (interrupt.catch_stop_signals must be active; every process stops at the same step)."""
     cfg, t, engine = run.cfg, run.cfg.trainer, run.engine
     has_validation = "validation" in run.data
+    snapshot_every = t.get("snapshot_every")
     engine.wrapped.train()
     bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress_bar and run.is_main),
                dynamic_ncols=True, unit="step")
@@ -75,7 +82,7 @@ def train(run: "Run") -> bool:
             run.optimizer = engine.rewrap(run.optimizer)
             engine.wrapped.train()
 
-        # -- bookkeeping: log, evaluate, checkpoint (rank 0 alone writes anything)
+        # -- bookkeeping: log, evaluate, snapshot, checkpoint (rank 0 alone writes anything)
         bar.update(1)
         last = run.step == t.max_steps
         if run.step % t.log_every == 0 or last:
@@ -96,13 +103,23 @@ def train(run: "Run") -> bool:
                 write_metrics(run, {"step": run.step, "split": "validation", **scores})
                 log.info("step %d validation %s", run.step, format_scores(scores))
                 update_best(run, scores)
-        if t.checkpoint_every and run.step % t.checkpoint_every == 0:
+                run.last_validation = (run.step, scores)  # the final evaluation reuses it
+        if snapshot_every and (run.step % snapshot_every == 0 or last):
+            engine.reshard()
+            if run.is_main:
+                save_snapshot(run)
+        signum = engine.max_over_processes(interrupt.requested())  # all processes stop at the same step
+        stopping = bool(signum) or (t.stop_at_step is not None and t.stop_at_step <= run.step < t.max_steps)
+        if (t.checkpoint_every and run.step % t.checkpoint_every == 0) or stopping:
             run.train_seconds += time.perf_counter() - started
             started, steps_here = time.perf_counter(), 0
             engine.reshard()
             if run.is_main:
                 save_checkpoint(run)
-        if t.stop_at_step is not None and t.stop_at_step <= run.step < t.max_steps:
+        if signum:
+            bar.close()
+            raise interrupt.TrainingInterrupted(signum, run.step, run.run_dir, run.is_main)
+        if stopping:
             bar.close()
             log.info("stopped at step %d (trainer.stop_at_step); continue with trainer.resume=%s", run.step, run.run_dir)
             return False

@@ -39,6 +39,7 @@ NOT_INJECTED_KEYS = ("method", "lr", "search", "size_key")  # every other key is
 ADAPTER = "adapter"  # the adapter folder (vbshare.save_adapter) in a checkpoint and in a finished run
 WEIGHTS = "weights.pt"  # full fine-tuning / head-only checkpoints: the trained weights by name
 HEAD_FILE = "head.safetensors"  # head-only: the trained head of a finished run, in adapter/
+FULL_MODEL = "model"  # full fine-tuning: the fine-tuned model of a finished run (save_pretrained)
 
 
 def to_python(value: Any) -> Any:
@@ -80,6 +81,17 @@ class RunMode:
             raise VBShareError(f"the checkpoint in {folder} holds other weights than this run trains; "
                                "resume with the same model and adapter settings")
 
+    snapshots = False  # trainer.snapshot_every works for this mode
+
+    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+        """A finished run's trained weights (what `save_outputs` wrote) on a fresh base model; returns the
+        model to evaluate (vbshare.evaluate)."""
+        raise NotImplementedError
+
+    def save_snapshot(self, model: nn.Module, folder: Path) -> None:
+        """The trained weights of one step, in training form, as a folder of its own (trainer.snapshot_every)."""
+        raise NotImplementedError
+
     def trained_state(self, model: nn.Module) -> dict[str, Tensor]:
         """The trained weights under their full names."""
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -118,9 +130,19 @@ class AdapterMode(RunMode):
         tie-sets, SoRA's unpruned gates) and the head."""
         vbshare.save_adapter(model, folder / ADAPTER, modules=self.head_modules, stored_form=False)
 
+    snapshots = True
+
+    def save_snapshot(self, model: nn.Module, folder: Path) -> None:
+        """A `save_adapter` folder in training form, with the head (vbshare.analysis reads it)."""
+        vbshare.save_adapter(model, folder, modules=self.head_modules, stored_form=False)
+
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         vbshare.load_adapter(model, folder / ADAPTER)  # metadata (e.g. tie-sets) first, then tensors and head
         self.train_heads(model)
+
+    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+        """The run's adapter/ (its stored form, with the head), injected into the fresh base."""
+        return vbshare.load_adapter(model, run_dir / ADAPTER)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
@@ -159,8 +181,15 @@ class FullFinetune(RunMode):
         return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "full",
                  "lr": self.cfg.optim.full_finetune_lr, "weight_decay": self.cfg.optim.weight_decay}]
 
+    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+        """The fine-tuned model/ folder (save_pretrained), in the base's dtype."""
+        folder = run_dir / FULL_MODEL
+        if not (folder / "config.json").is_file():
+            raise VBShareError(f"{folder} holds no fine-tuned model (config.json); is {run_dir} a finished run?")
+        return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        model.save_pretrained(str(run_dir / "model"))
+        model.save_pretrained(str(run_dir / FULL_MODEL))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"method": self.name, "hyperparameters": {"lr": self.cfg.optim.full_finetune_lr},
                 "trainable_parameters": trainable, "head_parameters": 0, "stored_parameters": trainable,
@@ -183,6 +212,17 @@ class HeadOnly(RunMode):
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "head",
                  "lr": float(to_python(self.cfg.adapter.lr)["head"]), "weight_decay": self.cfg.optim.weight_decay}]
+
+    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+        """The trained head (adapter/head.safetensors) into the fresh base."""
+        path = run_dir / ADAPTER / HEAD_FILE
+        if not path.is_file():
+            raise VBShareError(f"{path} is missing; is {run_dir} a finished head-only run?")
+        head = safetensors.torch.load_file(str(path))
+        _, unexpected = model.load_state_dict(head, strict=False)
+        if unexpected:
+            raise VBShareError(f"{path} holds weights the model lacks ({unexpected[0]}, ...); evaluate with the run's model")
+        return model
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         head = {k: v.detach().cpu().contiguous() for k, v in self.trained_state(model).items()}

@@ -1,5 +1,6 @@
 """What a run writes into its directory besides checkpoints: metrics.jsonl (appended as training goes),
-the final evaluation, the run mode's trained weights and summary.json. Rank 0 alone writes."""
+the final evaluation, the test split's predictions.jsonl, the run mode's trained weights and summary.json.
+Rank 0 alone writes."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..files import atomic_write
-from .evaluation import evaluate, format_scores
+from .evaluation import evaluate, evaluate_with_predictions, format_scores, write_predictions
 
 if TYPE_CHECKING:
     from .run import Run
 
 log = logging.getLogger("vbshare.train")
 
+PREDICTIONS = "predictions.jsonl"  # the test split's per-example rows (evaluation.prediction_rows)
 BYTES_PER_MIB = 2**20
 KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 
@@ -38,17 +40,34 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
 
 
-def save_outputs(run: "Run", wall_seconds: float) -> dict[str, Any] | None:
-    """Final evaluation (every process takes part), then on rank 0 the trained weights and summary.json;
-    returns the summary (None on the other processes)."""
-    final = {split: evaluate(run, split) for split in run.eval_splits}
+def final_scores(run: "Run") -> tuple[dict[str, dict[str, float]], list[dict[str, Any]] | None]:
+    """{split: scores} over the run's evaluation splits (every process takes part), and the test split's
+    per-example rows. The validation scores of the last step are reused when it was just evaluated."""
+    final, predictions = {}, None
+    for split in run.eval_splits:
+        if split == "validation" and run.last_validation is not None and run.last_validation[0] == run.step:
+            final[split] = run.last_validation[1]
+        elif split == "test":
+            final[split], predictions = evaluate_with_predictions(run, split)
+        else:
+            final[split] = evaluate(run, split)
+    return final, predictions
+
+
+def save_outputs(run: "Run") -> dict[str, Any] | None:
+    """Final evaluation (every process takes part), then on rank 0 the trained weights, predictions.jsonl
+    (the test split's, when scored) and summary.json; returns the summary (None on the other processes)."""
+    final, predictions = final_scores(run)
     if not run.is_main:
         return None
+    if predictions is not None:
+        write_predictions(run.run_dir / PREDICTIONS, predictions)
     for split, scores in final.items():
         write_metrics(run, {"step": run.step, "split": f"final_{split}", **scores})
         log.info("final %s %s", split, format_scores(scores))
     cfg, engine = run.cfg, run.engine
     written = run.mode.save_outputs(run.model, run.run_dir)
+    wall_seconds = run.wall_seconds()
     summary = {
         "method": written["method"],
         "task": run.task.name,
@@ -63,7 +82,7 @@ def save_outputs(run: "Run", wall_seconds: float) -> dict[str, Any] | None:
         "stored_parameters": written["stored_parameters"],
         "sharing": written["sharing"],
         "adapter_bytes": written["adapter_bytes"],
-        "wall_time_s": round(wall_seconds, 3),
+        "wall_time_s": round(wall_seconds, 3),  # summed over resumed segments
         "train_time_s": round(run.train_seconds, 3),
         "steps_per_s": round(run.step / max(run.train_seconds, 1e-9), 4),  # over every resumption's time
         "peak_memory_mb": round(peak_memory_mb(engine.device), 1),

@@ -1,6 +1,7 @@
 """`Run`: everything the loop carries between setup, train and save (built by `setup.setup`)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,17 @@ class Run:
     step: int = 0  # optimiser steps completed
     best: dict[str, Any] | None = None  # {"step", "split", metric: value}
     train_seconds: float = 0.0  # summed over resumptions
+    earlier_wall_seconds: float = 0.0  # wall time of the segments before this resumption (up to their checkpoint)
+    segment_started: float = field(default_factory=time.perf_counter)  # this segment's start (perf_counter)
+    last_validation: tuple[int, dict[str, float]] | None = None  # (step, scores) of the latest validation
     logger_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_diff: float | None = None  # data parallel: largest trained-value difference between processes at the end
     sparsify: dict[str, Any] | None = None  # trainer.sparsify: the stage records' numbers, for summary.json
+
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run so far: earlier segments plus this one."""
+        return self.earlier_wall_seconds + time.perf_counter() - self.segment_started
 
     @property
     def is_main(self) -> bool:

@@ -7,18 +7,20 @@ parallelism and build the optimiser (AdamW over the mode's parameter groups, eac
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
+from transformers.utils import logging as hf_logging
 
-from ..data.tasks import Task, tokenize_task
+from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
 from . import checkpoints
 from .engine import Engine
@@ -30,21 +32,39 @@ log = logging.getLogger("vbshare.train")
 
 DATA_ORDER_SEED_STRIDE = 1_000_003  # as in batches.py: seeds of process k > 0 start past every epoch's seed
 RANK_SEED_STRIDE = 7_919  # process k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
-LOAD_SLACK = 0.5  # load-average share not counted as a busy core by num_threads=auto
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a job scheduler's or taskset's allotment)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def set_threads(setting: int | str | None) -> int:
-    """CPU threads for torch. "auto": the cores not already busy (cpu count minus the 1-minute load
-    average, at least 1) — oversubscribing a shared machine makes every step several times slower."""
+    """CPU threads for torch. "auto": one per core this process may run on (`usable_cores`); a number as
+    given; None leaves torch's default. The load average is not consulted: cores waiting on I/O count in it
+    although they are free to compute. On a machine shared with other jobs, set a number."""
     if setting is None:
         return torch.get_num_threads()
     if setting == "auto":
-        busy = math.ceil(os.getloadavg()[0] - LOAD_SLACK)
-        setting = max(1, (os.cpu_count() or 1) - max(0, busy))
+        setting = usable_cores()
     if not isinstance(setting, int) or setting < 1:
         raise VBShareError(f"trainer.num_threads must be a positive integer, auto or null, got {setting!r}")
     torch.set_num_threads(setting)
     return setting
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" progress bars off while a model loads (they flood sweeps)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def set_dropout(model: nn.Module, p: float | None) -> None:
@@ -95,6 +115,25 @@ def check_batch(trainer: DictConfig, engine: Engine) -> None:
             f"processes ({engine.num_processes}) times trainer.grad_accum_steps ({accum})")
 
 
+def check_snapshots(every: int | None, mode: RunMode) -> None:
+    if every is None:
+        return
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise VBShareError(f"trainer.snapshot_every must be a positive integer or null, got {every!r}")
+    if not mode.snapshots:
+        raise VBShareError("trainer.snapshot_every keeps adapter snapshots and this run trains no adapter; "
+                           "set trainer.snapshot_every=null")
+
+
+def build_task_and_model(cfg: DictConfig) -> tuple[Task, nn.Module, Any, dict[str, Encoded]]:
+    """The task (`cfg.data`), a fresh model and its tokenizer (`cfg.model`; seeded by `cfg.seed`) and the
+    tokenised splits, capped at trainer.max_examples: what training and `vbshare.evaluate` start from."""
+    task: Task = instantiate(cfg.data)
+    with no_loading_bars():
+        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    return task, model, tokenizer, tokenize_task(task, tokenizer, cfg.trainer.max_examples)
+
+
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
     t = cfg.trainer
@@ -118,10 +157,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     log.info("device %s%s, precision %s", engine.device, f" ({threads} threads)" if threads else "", engine.precision)
     set_seed(cfg.seed)
 
-    task: Task = instantiate(cfg.data)
-    model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    task, model, tokenizer, data = build_task_and_model(cfg)
     set_dropout(model, t.get("dropout"))
-    data = tokenize_task(task, tokenizer, t.max_examples)
     if len(data["train"]) < t.batch_size:
         raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
                            f"{t.batch_size}; use a smaller trainer.batch_size")
@@ -130,6 +167,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
              "blocks" if task.kind == "lm" else "examples")
 
     mode = run_mode(cfg, task.kind)
+    check_snapshots(t.get("snapshot_every"), mode)
     mode.prepare(model)
     keep_trained_in_fp32(model, engine.precision)
     if t.get("activation_checkpointing", False):

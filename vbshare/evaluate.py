@@ -1,0 +1,156 @@
+"""Score a finished training run again, on any split or data set, and write its predictions.
+
+    python -m vbshare.evaluate run_dir=RUN [split=test] [predictions=true] [out=FOLDER] [data=NAME] [KEY=VALUE ...]
+
+    evaluate_run(run_dir, split="test", overrides=(), predictions_path=None) -> dict
+
+The run's own config.yaml is the starting point; the training app's setup code builds the task and a fresh
+base model from it, and the run mode loads what the run left (`adapter/` with the head, a full fine-tune's
+`model/`, a head-only run's head) onto that base. Overrides use Hydra's syntax: `data=NAME` picks another data
+config (composed from configs/data/ with the run's seed), `data.KEY=VALUE` and `trainer.KEY=VALUE` change
+single keys (e.g. `trainer.max_examples=null` scores a whole split that the run capped, `trainer.device=cpu`).
+
+Nothing in the run directory is written. The scores go to stdout as JSON; `predictions=true` (or `out=FOLDER`)
+also writes scores.json and predictions.jsonl (one row per example: index, label, prediction, correct, loss,
+class probabilities; a language model's per-example loss) into FOLDER, by default a new folder
+`evaluations/<run name>-<split>-<time>/` under the current directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import VBShareError
+from .files import atomic_write
+from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
+from .train.engine import Engine
+from .train.evaluation import format_scores, score_split, write_predictions
+from .train.modes import run_mode
+from .train.setup import build_task_and_model, keep_trained_in_fp32, set_threads
+
+log = logging.getLogger("vbshare.evaluate")
+
+CONFIG_FILE = "config.yaml"  # the resolved config every training run writes
+OWN_KEYS = ("run_dir", "split", "predictions", "out")  # command-line keys of this app; the rest override the config
+DATA_GROUP = "data"
+DEFAULT_OUT_ROOT = "evaluations"
+PREDICTIONS = "predictions.jsonl"
+SCORES = "scores.json"
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[Override]:
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The run's config.yaml with the overrides applied (a `data=NAME` override composes that data config)."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise VBShareError(f"{path} is missing; run_dir must be a folder written by python -m vbshare.train")
+    cfg = OmegaConf.load(path)
+    parsed = parse_overrides(overrides)
+    group = [o for o in parsed if o.key_or_group == DATA_GROUP]
+    data_keys = [o for o in parsed if o.key_or_group.startswith(DATA_GROUP + ".")]
+    if group:  # another data config: composed as the training app would, with this run's seed
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            composed = compose("train", overrides=[f"seed={cfg.seed}", *(o.input_line for o in group + data_keys)])
+        cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
+        parsed = [o for o in parsed if o not in group and o not in data_keys]
+    OmegaConf.set_struct(cfg, True)  # a typo'd key is an error, not a silently ignored setting
+    for override in parsed:
+        if override.is_add() or override.is_delete():
+            raise VBShareError(f"{override.input_line}: only KEY=VALUE and data=NAME overrides apply to a finished run")
+        try:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+        except Exception as err:
+            raise VBShareError(f"{override.input_line}: {str(err).splitlines()[0]}") from None
+    return cfg
+
+
+def check_outside(path: Path, run_dir: Path) -> None:
+    resolved, run = path.resolve(), run_dir.resolve()
+    if resolved == run or run in resolved.parents:
+        raise VBShareError(f"{path} lies inside the run directory {run_dir}, which evaluation never writes to; "
+                           "choose a folder outside it")
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[str] = (),
+                 predictions_path: str | Path | None = None) -> dict[str, Any]:
+    """Load a finished run's trained weights onto a fresh base, score one split and optionally write
+    predictions.jsonl to `predictions_path` (outside the run directory).
+
+    Returns {"run_dir", "split", "task", "metric", "scores": {metric: value, ...}, "examples",
+    "predictions": the predictions file or None}.
+    """
+    run_dir = Path(run_dir)
+    if predictions_path is not None:
+        check_outside(Path(predictions_path), run_dir)
+    cfg = run_config(run_dir, overrides)
+    engine = Engine(cfg.trainer)
+    try:
+        if engine.device.type == "cpu":
+            set_threads(cfg.trainer.num_threads)
+        task, model, tokenizer, data = build_task_and_model(cfg)
+        if split not in data or not len(data[split]):
+            raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
+                               f"{', '.join(s for s in data if len(data[s]))}")
+        mode = run_mode(cfg, task.kind)
+        model.requires_grad_(False)  # the head in fp32, as it trained (a lower-precision base stays as loaded)
+        mode.train_heads(model)
+        keep_trained_in_fp32(model, engine.precision)
+        model = mode.load_outputs(model, run_dir).to(engine.device)
+        scores, rows = score_split(model, task, data[split], engine, cfg.trainer.eval_batch_size,
+                                   tokenizer.pad_token_id or 0)
+        is_main = engine.is_main
+    finally:
+        engine.end()
+    log.info("%s %s %s", run_dir, split, format_scores(scores))
+    if predictions_path is not None and is_main:
+        write_predictions(Path(predictions_path), rows)
+    return {"run_dir": str(run_dir), "split": split, "task": task.name, "metric": task.metric, "scores": scores,
+            "examples": len(data[split]), "predictions": None if predictions_path is None else str(predictions_path)}
+
+
+def default_out(run_dir: Path, split: str) -> Path:
+    return Path(DEFAULT_OUT_ROOT) / f"{run_dir.resolve().name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry: scores as JSON on stdout; bad input -> one `error: ...` line and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in args):
+        print(__doc__.split("\n\n")[1].strip("\n"))
+        print("\n" + "\n\n".join(__doc__.split("\n\n")[2:]).strip())
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        parsed = parse_overrides(args)
+        own = {o.key_or_group: o.value() for o in parsed if o.key_or_group in OWN_KEYS}
+        if "run_dir" not in own:
+            raise VBShareError("run_dir=RUN is required: the folder of a finished python -m vbshare.train run")
+        run_dir, split = Path(str(own["run_dir"])), str(own.get("split", "test"))
+        out = own.get("out")
+        folder = Path(str(out)) if out else default_out(run_dir, split) if own.get("predictions") else None
+        if folder is not None:
+            check_outside(folder, run_dir)
+        rest = [o.input_line for o in parsed if o.key_or_group not in OWN_KEYS]
+        result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS)
+    except USER_ERRORS as err:
+        exit_with(err)
+    if folder is not None:
+        atomic_write(folder / SCORES, json.dumps(result, indent=2).encode())
+        log.info("scores and predictions in %s", folder)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
