@@ -19,6 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
+from huggingface_hub import HfApi
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from vbshare import VBShareError
@@ -103,13 +104,20 @@ def test_hf_folder_without_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("offline", [True, False])
 def test_uncached_hub_name_fails_fast_in_one_line(offline, monkeypatch):
-    """HF_HUB_OFFLINE=1: refused without any request. Otherwise one metadata request, no retries (here there is no
-    network; with network the Hub answers that the model does not exist)."""
+    """HF_HUB_OFFLINE=1: refused without any request. Otherwise one metadata request, no retries; the request is
+    replaced by one that fails as a machine without network does, so the test never touches the network."""
     if offline:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             monkeypatch.delenv(variable, raising=False)
+        requests = []
+
+        def no_network(self, name, **kwargs):
+            requests.append(name)
+            raise ConnectionError(f"cannot reach the Hub for {name}")
+
+        monkeypatch.setattr(HfApi, "model_info", no_network)
     started = time.perf_counter()
     with pytest.raises(VBShareError) as caught:
         hf("classification", 2, MISSING_HUB_NAME)
@@ -118,6 +126,8 @@ def test_uncached_hub_name_fails_fast_in_one_line(offline, monkeypatch):
     assert "\n" not in message and MISSING_HUB_NAME in message and "local folder" in message
     if offline:
         assert "HF_HUB_OFFLINE" in message
+    else:
+        assert requests == [MISSING_HUB_NAME]  # exactly one request, no retries
 
 
 def test_uncached_hub_name_cli_error(tmp_path):

@@ -1,4 +1,4 @@
-"""vbshare — sharing-based low-rank adapters (LoRA, VB-LoRA, ASLoRA, SoRA) side by side.
+"""vbshare — sharing-based low-rank adapters (LoRA, VB-LoRA, Uni-LoRA, VeRA, Tied-LoRA, NOLA, ASLoRA, SoRA) side by side.
 
     import vbshare
     vbshare.inject(model, "vblora", targets=["query", "value"], r=4, vector_length=128)

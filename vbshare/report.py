@@ -29,9 +29,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from scipy import stats
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .errors import VBShareError
 from .records import flatten, read_jsonl
 from .registry import METHODS
@@ -325,13 +327,11 @@ def pareto_front(table: pd.DataFrame) -> pd.Series:
 
 
 # ================================================================================================== plotting
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    """A figure with one axes, outside pyplot: files only, and a notebook's own backend is left alone."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # an off-screen canvas of its own (text extents for label placement, savefig)
+    return fig, fig.subplots()
 
 
 def _ci_errors(table: pd.DataFrame) -> np.ndarray:
@@ -370,12 +370,11 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
 
     A configuration storing 0 parameters (head-only) has no place on a log axis: it is a horizontal line at its
     mean with its CI as a band, labelled "0 stored". The Pareto front of the other configurations is dashed."""
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     colours = _colours(table)
     positive = table[table["stored_params"] > 0]
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, ax = _figure((8.5, 5.5))
     for _, row in table[table["stored_params"] <= 0].iterrows():
         colour = colours[row["method"]]
         ax.axhline(row["metric_mean"], color=colour, ls=":", lw=1.5, label=f"{row['label']} (0 stored)")
@@ -405,16 +404,14 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
     fig.tight_layout()
     _place_labels(fig, texts)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
     """One bar per configuration from 0: metric mean with its 95 % CI (none drawn for a single seed)."""
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(table) + 2), 4.5))
+    fig, ax = _figure((max(6.0, 0.7 * len(table) + 2), 4.5))
     colours = _colours(table)
     ax.bar(range(len(table)), table["metric_mean"], yerr=_ci_errors(table), capsize=3,
            color=[colours[m] for m in table["method"]])
@@ -424,7 +421,6 @@ def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -444,11 +440,10 @@ def validation_curve(run_dirs: Iterable[str | Path], metric: str) -> pd.Series:
 def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path | None:
     """Validation metric against step, one line per configuration (mean over seeds); None when no run logged
     validation scores."""
-    plt = _pyplot()
     metric = str(table["metric"].iloc[0])
     colours = _colours(table)
     styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(8.5, 5.0))
+    fig, ax = _figure((8.5, 5.0))
     drawn, seen = 0, {}
     for _, row in table.iterrows():
         curve = validation_curve(runs.loc[runs["config_key"] == row["config_key"], "run_dir"], metric)
@@ -459,7 +454,6 @@ def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
         ax.plot(curve.index, curve.to_numpy(), style, marker=".", color=colours[row["method"]], label=row["label"])
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +464,6 @@ def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -21,6 +21,7 @@ d per-entry scales.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,10 @@ class UniLoRAState(AdapterState):
         d = config.theta_d_length
         indices = build_index_map(targets, config.r, d, config.proj_seed)
         self.entries = sum(a.numel() + b.numel() for a, b in indices.values())  # D
+        if d > self.entries:
+            warnings.warn(f"theta_d_length={d} exceeds the {self.entries} factor entries of these targets: "
+                          f"{d - self.entries} theta entries are never read but still trained and stored; "
+                          f"use theta_d_length <= {self.entries}", stacklevel=2)
         self.theta = nn.Parameter(torch.empty(d))  # (d,)
         nn.init.uniform_(self.theta, -config.init_theta_d_bound, config.init_theta_d_bound)
         every = torch.cat([i.reshape(-1) for pair in indices.values() for i in pair])  # (D,)

@@ -43,6 +43,9 @@ class VeRAConfig(AdapterConfig):
         super().validate()
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
             raise VBShareError(f"d_initial must be a finite number, got {self.d_initial!r}")
+        if self.d_initial == 0:
+            raise VBShareError("d_initial must be non-zero: with lambda_b starting at 0 too, no gradient would reach "
+                               "either vector; use e.g. d_initial=0.1")
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
             raise VBShareError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}")
         if not isinstance(self.save_projection, bool):

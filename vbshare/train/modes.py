@@ -26,6 +26,7 @@ import vbshare
 
 from ..files import atomic_torch_save, atomic_write
 from ..errors import VBShareError
+from ..registry import METHODS
 
 log = logging.getLogger("vbshare.train")
 
@@ -174,7 +175,7 @@ class FullFinetune(RunMode):
     def prepare(self, model: nn.Module) -> None:
         if self.cfg.get("adapter") is None:
             log.info("no adapter given: FULL FINE-TUNING baseline (every weight trains); "
-                     "add +adapter=lora|vblora|aslora|sora to train an adapter instead")
+                     "add +adapter=<%s> to train an adapter instead", "|".join(METHODS))
         model.requires_grad_(True)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
