@@ -37,6 +37,11 @@ def module_role(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
 
 
+def role_key(role: str) -> str:
+    """A parameter-name-safe key of a role: `encoder.layer.*.attention.self.query` -> `encoder_layer_N_attention_self_query`."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", role.replace("*", "N"))
+
+
 def layer_index(name: str) -> int | None:
     """The first numeric path component (the transformer block index), or None."""
     for part in name.split("."):

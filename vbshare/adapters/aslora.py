@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from ..files import atomic_write
-from ..targets import layer_index, module_role
+from ..targets import layer_index, module_role, role_key
 from .base import AdapterConfig, AdapterState, LowRankAdapter, state_of
 
 METADATA_VERSION = 1
@@ -97,11 +96,6 @@ class ASLoRAConfig(AdapterConfig):
         return (self.alpha if self.alpha is not None else self.r) / self.r
 
 
-def _sanitise(text: str) -> str:
-    """A parameter-name-safe key: `encoder.layer.*.attention.self.query` -> `encoder_layer_N_attention_self_query`."""
-    return re.sub(r"[^0-9A-Za-z_]", "_", text.replace("*", "N"))
-
-
 class ASLoRAState(AdapterState):
     """Owns every A (one per sharing group) and every B (one per tie-set), plus the running averages.
 
@@ -136,9 +130,9 @@ class ASLoRAState(AdapterState):
         used: set[str] = set()
 
         def unique(text: str) -> str:
-            key, i = _sanitise(text), 2
+            key, i = role_key(text), 2
             while key in used:
-                key, i = f"{_sanitise(text)}_{i}", i + 1
+                key, i = f"{role_key(text)}_{i}", i + 1
             used.add(key)
             return key
 

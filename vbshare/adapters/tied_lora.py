@@ -26,7 +26,6 @@ trained B, per layer r for a trained u and out for a trained v.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
-from ..targets import module_role
+from ..targets import module_role, role_key
 from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
 
 FACTORS = ("A", "B", "u", "v")  # what `train` may name, in this canonical order
@@ -82,11 +81,6 @@ def seeded_kaiming(shape: tuple[int, int], seed: int) -> Tensor:
     return drawn.to(torch.get_default_dtype())
 
 
-def _sanitise(role: str) -> str:
-    """A parameter-name-safe key: `encoder.layer.*.attention.self.query` -> `encoder_layer_N_attention_self_query`."""
-    return re.sub(r"[^0-9A-Za-z_]", "_", role.replace("*", "N"))
-
-
 class TiedLoRAState(AdapterState):
     """Owns each sharing group's A (r, in) and B (out, r): parameters when trained, else seeded buffers.
 
@@ -109,7 +103,7 @@ class TiedLoRAState(AdapterState):
                     f"tied_lora shares A and B across the modules of role {role}, but they have different shapes "
                     f"{shapes}; target roles whose layers all have one shape"
                 )
-            key = _sanitise(role)
+            key = role_key(role)
             if key in self.group_keys.values():
                 raise VBShareError(f"roles {role} and another map to the same tensor key {key}; rename or exclude one")
             self.group_keys[role] = key

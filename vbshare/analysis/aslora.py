@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..adapters.aslora import _sanitise  # the state's key of a group's A
 from ..errors import VBShareError
-from ..targets import layer_index
+from ..targets import layer_index, role_key  # role_key: the state's key of a group's A
 from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, read_adapter, read_jsonl
 
 HISTORY_FILE = "merge_history.jsonl"
@@ -144,7 +143,7 @@ def b_distance_matrix(source: PathLike | AdapterFolder, group: str, which: str =
         mats[index if index is not None else name] = folder.tensors[key]
     A = None
     if kind == "delta":
-        a_key = STATE_PREFIX + "A_" + _sanitise(group)
+        a_key = STATE_PREFIX + "A_" + role_key(group)
         if a_key not in folder.tensors:
             raise VBShareError(f"cannot find the shared A of {group} ({a_key}) in {folder.path}")
         A = folder.tensors[a_key]
