@@ -29,7 +29,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.rglob("summary.json"))
 
 
-def test_issue_command_flat_hyperparameters_2x2_joblib_and_report(tmp_path):
+def test_readme_sweep_command_flat_hyperparameters_2x2_joblib_and_report(tmp_path):
     """The issue's sweep syntax (hyperparameters directly under adapter), 2x2, two runs at a time via joblib;
     the report over the sweep folder has one row per configuration."""
     sweep = tmp_path / "sweep"
