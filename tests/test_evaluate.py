@@ -96,3 +96,23 @@ def test_bad_input_refused(tmp_path, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "nope" in err[-1]
+
+
+def test_data_with_other_labels_is_refused(tmp_path):
+    """Class ids come from the sorted label names: a file with another label set must not be scored silently."""
+    def write(path: Path, labels: tuple[str, str]) -> Path:
+        rows = [f"{'a lovely great film' if k == 0 else 'a dull awful film'} number {i},{labels[k]}"
+                for i in range(20) for k in (0, 1)]
+        path.write_text("review,stars\n" + "\n".join(rows) + "\n")
+        return path
+
+    trained_on = write(tmp_path / "good_bad.csv", ("good", "bad"))
+    other = write(tmp_path / "good_meh.csv", ("good", "meh"))
+    run_dir = tmp_path / "run"
+    data = ["data=files", "data.text_column=review", "data.label_column=stars"]
+    summary = train_run(run_dir, ["+adapter=lora", *FAST, *data, f"data.path={trained_on}"])
+    assert summary["label_names"] == ["bad", "good"]
+    same = evaluate_run(run_dir, split="test")
+    assert same["scores"]["accuracy"] == summary["final"]["test"]["accuracy"]
+    with pytest.raises(VBShareError, match=r"not the labels this run trained on \['bad', 'good'\]"):
+        evaluate_run(run_dir, split="test", overrides=[f"data.path={other}"])

@@ -103,6 +103,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         if split not in data or not len(data[split]):
             raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
                                f"{', '.join(s for s in data if len(data[s]))}")
+        check_same_labels(task.label_names, run_dir)
         mode = run_mode(cfg, task.kind)
         model.requires_grad_(False)  # the head in fp32, as it trained (a lower-precision base stays as loaded)
         mode.train_heads(model)
@@ -118,6 +119,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         write_predictions(Path(predictions_path), rows)
     return {"run_dir": str(run_dir), "split": split, "task": task.name, "metric": task.metric, "scores": scores,
             "examples": len(data[split]), "predictions": None if predictions_path is None else str(predictions_path)}
+
+
+def check_same_labels(label_names: Sequence[str], run_dir: Path) -> None:
+    """Refuse data whose classes differ from those the run trained on: class ids come from the sorted label
+    names, so another label set would be scored against the wrong head rows without any error."""
+    summary_path = run_dir / "summary.json"
+    trained = json.loads(summary_path.read_text()).get("label_names") if summary_path.is_file() else None
+    if trained and list(label_names) != list(trained):
+        raise VBShareError(f"the data's labels {list(label_names)} are not the labels this run trained on "
+                           f"{list(trained)}; score data with the same label set")
 
 
 def default_out(run_dir: Path, split: str) -> Path:

@@ -74,6 +74,7 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
         "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
         "hyperparameters": written["hyperparameters"],
         "metric": run.task.metric,
+        "label_names": list(run.task.label_names),  # class id -> name as trained (evaluate checks new data against it)
         "final": final,
         "best": run.best,
         "steps": run.step,
