@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 
 from vbshare.train import CONFIG_DIR, run_training
+
+from run_checks import assert_same_adapter, losses
 
 FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.max_steps=6", "trainer.eval_every=3",
         "trainer.checkpoint_every=3", "trainer.batch_size=4", "trainer.max_examples=24",
@@ -45,25 +45,6 @@ def launch(launcher: str, args: list[str], run_dir: Path, check: bool = True) ->
 def one_process(args: list[str], run_dir: Path) -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return run_training(compose("train", overrides=args), run_dir)
-
-
-def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted((run_dir / "adapter").glob("*.safetensors")):
-        tensors.update({f"{path.stem}/{k}": v for k, v in load_file(path).items()})
-    return tensors
-
-
-def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
-    left, right = adapter_tensors(a), adapter_tensors(b)
-    assert left.keys() == right.keys() and left
-    for key in left:
-        torch.testing.assert_close(left[key], right[key], atol=atol, rtol=0, msg=key)
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "split" not in r]
 
 
 def summary(run_dir: Path) -> dict:

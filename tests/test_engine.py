@@ -7,7 +7,6 @@ plain run, up to float rounding. Multi-process runs are in test_ddp.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,6 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 from torch import nn
 
 import vbshare
@@ -28,6 +26,8 @@ from vbshare.data.tasks import IGNORE_INDEX
 from vbshare.train.batches import count_targets, forward_loss
 from vbshare.train.engine import frozen_subtrees, transformer_blocks
 from vbshare.train.setup import enable_activation_checkpointing
+
+from run_checks import assert_same_adapter, losses, saved_tensors
 
 BASE = ["model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropout=0", "trainer.eval_every=4",
         "trainer.checkpoint_every=null"]
@@ -46,26 +46,6 @@ def compose_config(overrides: list[str]):
 
 def train(overrides: list[str], run_dir: Path) -> dict | None:
     return run_training(compose_config(overrides), run_dir)
-
-
-def saved_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's adapter folder (adapter and head), keyed by file and name."""
-    tensors = {}
-    for path in sorted((run_dir / "adapter").glob("*.safetensors")):
-        tensors.update({f"{path.stem}/{k}": v for k, v in load_file(path).items()})
-    return tensors
-
-
-def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
-    left, right = saved_tensors(a), saved_tensors(b)
-    assert left.keys() == right.keys() and left
-    for key in left:
-        torch.testing.assert_close(left[key], right[key], atol=atol, rtol=0, msg=key)
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "split" not in r]
 
 
 @pytest.fixture(scope="module")
