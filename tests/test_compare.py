@@ -1,19 +1,25 @@
 """`python -m vbshare.compare` end to end on tiny BERT (trainer=debug): 2 methods x 2 trials x 2 seeds, then the
-same comparison continued with a third seed in separate training processes, then re-run unchanged."""
+same comparison continued with a third seed in separate training processes two at a time, then re-run unchanged."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from vbshare.compare import check_request
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from vbshare.compare import Point, Runner, check_request, in_workers, tune
 from vbshare.errors import VBShareError
 
 FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
@@ -75,9 +81,10 @@ def test_compare_end_to_end_continue_and_rerun(tmp_path):
     for name in ("pareto.png", "bars.png", "curves.png", "report.md"):
         assert (out / "report" / name).is_file()
 
-    # continued with a third seed, each run in its own training process: only the 2 missing runs are trained
+    # continued with a third seed, each run in its own training process, two at a time: only the 2 missing runs
     finished = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
-    assert trained(compare(out, "compare.seeds=[0,1,2]", "compare.isolate=true")) == len(METHODS)
+    assert trained(compare(out, "compare.seeds=[0,1,2]", "compare.isolate=true", "compare.workers=2")) == len(METHODS)
+    assert sorted(p.parent.parent.name for p in (out / "stage2").glob("*/trial_*/seed_2")) == sorted(METHODS)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     assert (pd.read_csv(out / "report" / "report.csv")["n_seeds"] == 3).all()
 
@@ -108,3 +115,49 @@ def test_search_space_overrides_and_bad_spaces():
         check_search("lora", {})
     with pytest.raises(VBShareError, match=r"search.lr.A: give \{low"):
         check_search("lora", {"lr.A": {"low": 1e-4}})
+
+
+class FakeRunner(Runner):
+    """Scores a run by a fixed function of its learning rate after a short sleep, and records how many runs
+    were in flight at once."""
+
+    def __init__(self):
+        super().__init__(isolate=True)
+        self.in_flight, self.most_in_flight, self.lock = 0, 0, threading.Lock()
+
+    def run(self, overrides, run_dir):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.05)
+        with self.lock:
+            self.in_flight -= 1
+        lr = float(next(o for o in overrides if o.startswith("++adapter.lr.A=")).split("=")[1])
+        return {"metric": "accuracy", "final": {"validation": {"accuracy": -abs(math.log10(lr) + 2.5)}}}
+
+
+def test_workers_tune_points_side_by_side_with_the_same_trials(tmp_path):
+    """Tuning 3 points 3 at a time asks TPE for exactly the parameters that tuning them one by one asks for."""
+    cfg = OmegaConf.create({"seed": 0, "compare": {"trials": 4, "sampler_seed": 0}})
+    space = {"lr.A": {"low": 1.0e-4, "high": 1.0e-1, "log": True}}
+    points = [Point(name, name, space) for name in ("a", "b", "c")]
+
+    def tuned(workers):
+        runner = FakeRunner()
+        with tqdm(disable=True) as bar:
+            trials = in_workers(lambda p: tune(p, cfg, [], runner, tmp_path, bar), points, workers)
+        return [[(t.point.name, t.number, t.params, t.score, t.best) for t in ts] for ts in trials], runner
+
+    one_by_one, serial = tuned(1)
+    side_by_side, parallel = tuned(3)
+    assert side_by_side == one_by_one
+    assert serial.most_in_flight == 1 and parallel.most_in_flight == 3
+
+
+def test_workers_need_separate_processes_and_a_whole_number(tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    done = compare(out, "compare.workers=2", "compare.isolate=false")
+    assert done.returncode == 2 and "set compare.isolate=true" in done.stderr, done.stderr[-2000:]
+    done = compare(out, "compare.workers=0")
+    assert done.returncode == 2 and "compare.workers must be a whole number >= 1" in done.stderr, done.stderr[-2000:]

@@ -9,6 +9,9 @@ stage 1: for every point the same number of Optuna TPE trials (`compare.trials`,
          `trainer.eval_test=false`: scored on the validation split, the test split is never evaluated.
 stage 2: the best trial of every point re-run with each of `compare.seeds` (the same seeds for every point: the
          same data order and head init), scored on test.
+workers: with `compare.workers=N` (N > 1, separate processes) N runs train at a time: in stage 1 N points are
+         tuned side by side (the trials of one point stay sequential: each asks TPE after the last is told), in
+         stage 2 N seeded runs. The runs, their folders and every result are the same for any N.
 stage 3: vbshare.report over the stage-2 runs, with `compare.control` as the paired test's reference.
 
 The folder (`compare.out`):
@@ -36,9 +39,11 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 import hydra
 import optuna
@@ -177,14 +182,17 @@ class Runner:
     isolate: bool
     started: int = 0  # runs trained by this invocation (the rest were reused)
     reused: int = 0
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # workers count side by side
 
     def run(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
         check_request(run_dir, overrides)
         if (run_dir / SUMMARY).is_file():
-            self.reused += 1
+            with self._count_lock:
+                self.reused += 1
             return json.loads((run_dir / SUMMARY).read_text())
         atomic_write(run_dir / REQUEST, json.dumps({"overrides": overrides}, indent=2).encode())
-        self.started += 1
+        with self._count_lock:
+            self.started += 1
         if self.isolate:
             self._subprocess(overrides, run_dir)
         else:
@@ -313,18 +321,46 @@ def write_trials(trials: list[Trial], path: Path) -> None:
 
 
 # ==================================================================================================== stage 2
-def seeded_runs(best: Trial, cfg: DictConfig, overrides: list[str], runner: Runner, out: Path, bar: tqdm) -> list[Path]:
-    """The best trial of a point re-run with every seed of compare.seeds, scored on test."""
+def seeded_run(best: Trial, seed: int, overrides: list[str], runner: Runner, out: Path, bar: tqdm) -> Path:
+    """The best trial of a point re-run with one seed of compare.seeds, scored on test."""
     point = best.point
-    folder = out / "stage2" / point.name / f"trial_{best.number:03d}"
-    run_dirs = []
-    for seed in cfg.compare.seeds:
-        run_dir = folder / f"seed_{int(seed)}"
-        bar.set_postfix_str(f"{point.name} seed {seed}")
-        runner.run([*overrides, *point.overrides(best.params), f"seed={int(seed)}"], run_dir)
-        run_dirs.append(run_dir)
-        bar.update()
-    return run_dirs
+    run_dir = out / "stage2" / point.name / f"trial_{best.number:03d}" / f"seed_{seed}"
+    bar.set_postfix_str(f"{point.name} seed {seed}")
+    runner.run([*overrides, *point.overrides(best.params), f"seed={seed}"], run_dir)
+    bar.update()
+    return run_dir
+
+
+# ==================================================================================================== workers
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+def in_workers(work: Callable[[Job], Result], jobs: Iterable[Job], workers: int) -> list[Result]:
+    """work(job) for every job, `workers` at a time (threads that each wait on a training process); results in
+    the order of `jobs`. The first failure stops jobs that have not started and is raised once the running
+    ones end (their runs finish and are reused by the next invocation)."""
+    jobs = list(jobs)
+    if workers == 1:
+        return [work(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compare-worker") as pool:
+        futures = [pool.submit(work, job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def check_workers(cfg: DictConfig) -> int:
+    workers = cfg.compare.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise VBShareError(f"compare.workers must be a whole number >= 1 (runs trained at a time), got {workers!r}")
+    if workers > 1 and not cfg.compare.isolate:
+        raise VBShareError("compare.workers > 1 trains runs side by side in separate processes; set "
+                           "compare.isolate=true (or compare.workers=1)")
+    return workers
 
 
 # ====================================================================================================== entry
@@ -333,22 +369,30 @@ def compare(cfg: DictConfig) -> Path:
     if cfg.get("adapter") is not None:
         raise VBShareError("vbshare.compare takes its methods from compare.methods; drop +adapter=...")
     out = Path(cfg.compare.out).resolve()
+    workers = check_workers(cfg)
     overrides = base_overrides(cfg)
     points = plan(cfg, overrides)
     runner = Runner(isolate=bool(cfg.compare.isolate))
-    log.info("comparing %d points (%s) in %s: %d trials each, then seeds %s", len(points),
-             ", ".join(p.name for p in points), out, cfg.compare.trials, list(cfg.compare.seeds))
+    log.info("comparing %d points (%s) in %s: %d trials each, then seeds %s; %d run(s) at a time", len(points),
+             ", ".join(p.name for p in points), out, cfg.compare.trials, list(cfg.compare.seeds), workers)
 
-    trials: list[Trial] = []
+    tuned: dict[str, list[Trial]] = {}  # point name -> its trials, filled as points finish
+    lock = threading.Lock()
+
+    def tune_point(point: Point) -> list[Trial]:
+        point_trials = tune(point, cfg, overrides, runner, out, bar)
+        with lock:  # trials.csv lists the finished points in plan order, rewritten as each one finishes
+            tuned[point.name] = point_trials
+            write_trials([t for p in points for t in tuned.get(p.name, [])], out / "trials.csv")
+        return point_trials
+
     with tqdm(total=len(points) * int(cfg.compare.trials), desc="stage 1/3 tuning (validation)", unit="run") as bar:
-        for point in points:
-            trials.extend(tune(point, cfg, overrides, runner, out, bar))
-            write_trials(trials, out / "trials.csv")
+        trials = [t for point_trials in in_workers(tune_point, points, workers) for t in point_trials]
 
-    run_dirs: list[Path] = []
-    with tqdm(total=len(points) * len(cfg.compare.seeds), desc="stage 2/3 seeds (test)", unit="run") as bar:
-        for best in (t for t in trials if t.best):
-            run_dirs.extend(seeded_runs(best, cfg, overrides, runner, out, bar))
+    seeds = [int(seed) for seed in cfg.compare.seeds]
+    jobs = [(best, seed) for best in trials if best.best for seed in seeds]
+    with tqdm(total=len(jobs), desc="stage 2/3 seeds (test)", unit="run") as bar:
+        run_dirs = in_workers(lambda job: seeded_run(*job, overrides, runner, out, bar), jobs, workers)
 
     control = next(p.summary_method for p in points if p.method == cfg.compare.control)
     runs = report.collect_runs(run_dirs, split="test")
