@@ -16,7 +16,10 @@ from vbshare.errors import VBShareError
 def make_run(root: Path, name: str, method: str, seed: int, score: float, stored: float,
              hyper: dict | None = None, wall: float = 10.0, adapter_bytes: int | None = 1000,
              sharing: dict | None = None, task: str = "bbc_news", metric: str = "accuracy",
-             size_key: str | None = None, curve: list[tuple[int, float]] = ()) -> Path:
+             size_key: str | None = None, curve: list[tuple[int, float]] = (), predictions: list[dict] | None = None,
+             stages: list[dict] | None = None, sparsify: dict | None = None) -> Path:
+    """A finished run's folder; `predictions`: predictions.jsonl rows; `stages` with `sparsify` (the schedule in
+    config.yaml): summary.json's sparsify.stages."""
     run = root / name
     run.mkdir(parents=True)
     summary = {
@@ -27,8 +30,10 @@ def make_run(root: Path, name: str, method: str, seed: int, score: float, stored
         "stored_parameters": stored, "sharing": sharing, "adapter_bytes": adapter_bytes,
         "wall_time_s": wall, "peak_memory_mb": 500.0 + seed,
     }
+    if stages is not None:
+        summary["sparsify"] = {"stages": stages}
     (run / "summary.json").write_text(json.dumps(summary))
-    config = {"seed": seed, "trainer": {"max_steps": 300, "batch_size": 16, "max_examples": None},
+    config = {"seed": seed, "trainer": {"max_steps": 300, "batch_size": 16, "max_examples": None, "sparsify": sparsify},
               "data": {"_target_": "vbshare.data.tasks.bbc_news", "seed": 0, "max_length": 64,
                        "train_subset_seed": seed},  # follows the run seed: must not split the configuration
               "optim": {"full_finetune_lr": 1e-4},
@@ -36,6 +41,8 @@ def make_run(root: Path, name: str, method: str, seed: int, score: float, stored
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": step, "split": "validation", metric: value} for step, value in curve]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if predictions is not None:
+        (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in predictions))
     return run
 
 
@@ -183,9 +190,10 @@ def test_main_writes_table_and_plots(runs_root, tmp_path, capsys):
                    "wall_time_s", "peak_memory_mb"):
         assert column in csv_lines[0].split(",")
     md = (out / "report.md").read_text()
-    assert "| vblora num_vectors=64 | 3 | 0.9200 ± 0.0200 | [0.8703, 0.9697] | +0.0233 | 0.118 | 50 | 5.0 % |" in md
+    assert "| vblora num_vectors=64 | 3 | 0.9200 ± 0.0200 | [0.8703, 0.9697] | +0.0233 | 0.118 |  |  | 50 | 5.0 % |" in md
     for name in ("pareto.png", "bars.png", "curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "stages.csv").exists() and not (out / "sparsity_stages.png").exists()  # no run has stages
     assert "12 runs, 6 configurations" in capsys.readouterr().out
 
 
@@ -200,3 +208,194 @@ def test_main_no_runs_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no finished runs")
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+# ================================================================================= per-example tests by hand
+# Exact McNemar: under the null each discordant example falls either way with probability 1/2, so with b examples
+# better and c worse, p = min(1, 2 * P(X <= min(b, c))), X ~ Binomial(b + c, 1/2):
+#   b=1, c=6: P(X <= 1 | 7) = (1 + 7) / 128,  p = 16/128 = 0.125;   b=0, c=5: p = 2 / 32 = 0.0625;
+#   b=3, c=3: 2 * P(X <= 3 | 6) = 2 * 42/64 > 1, so p = 1.
+def test_mcnemar_p_by_hand():
+    assert report.mcnemar_p(1, 6) == pytest.approx(0.125)
+    assert report.mcnemar_p(6, 1) == pytest.approx(0.125)
+    assert report.mcnemar_p(0, 5) == pytest.approx(0.0625)
+    assert report.mcnemar_p(3, 3) == pytest.approx(1.0)
+    assert report.mcnemar_p(0, 0) == 1.0  # no discordant example: the two agree everywhere
+
+
+# Wilcoxon signed-rank, exact: differences (1, 2, 3, -4, 5) have ranks 1..5 and W- = 4 (the one negative rank).
+#   Of the 2^5 = 32 equally likely sign patterns, 7 give W- <= 4 (subsets of {1..5} summing to <= 4: {}, {1}, {2},
+#   {3}, {4}, {1,2}, {1,3}), so p = 2 * 7/32 = 0.4375.
+# Normal approximation (n > 50): d_i = ±i for i = 1..60, negative when i % 3 == 1, so W- = sum of those i = 590;
+#   z = (W- - n(n+1)/4) / sqrt(n(n+1)(2n+1)/24), p = erfc(|z| / sqrt 2).
+def test_wilcoxon_p_by_hand():
+    control = [10.0] * 5
+    assert report.wilcoxon_p([11.0, 12.0, 13.0, 6.0, 15.0], control) == pytest.approx(14 / 32)
+    n = 60
+    diffs = [-i if i % 3 == 1 else i for i in range(1, n + 1)]
+    w_minus = sum(i for i in range(1, n + 1) if i % 3 == 1)
+    z = (w_minus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    assert report.wilcoxon_p(diffs, [0.0] * n) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-9)
+    assert report.wilcoxon_p([1.0, 2.0], [1.0, 2.0]) == 1.0  # no difference anywhere
+    assert math.isnan(report.wilcoxon_p([], []))
+
+
+def classification_rows(correct: list[int], labels: list[int] | None = None) -> list[dict]:
+    """predictions.jsonl rows of a 2-class classifier: right where correct[i], label i % 2 unless given."""
+    labels = labels or [i % 2 for i in range(len(correct))]
+    return [{"index": i, "label": y, "prediction": y if ok else 1 - y, "correct": bool(ok), "loss": 0.1 if ok else 2.0,
+             "scores": [0.5, 0.5]} for i, (ok, y) in enumerate(zip(correct, labels))]
+
+
+# vblora against the lora control over the seeds both ran (0 and 1; lora's seed 2 has no partner):
+#   seed 0: vblora right on (0, 3), lora on all five     -> better 0, worse 3 (examples 1, 2, 4)
+#   seed 1: vblora right on (0,), lora on (1, 2, 3)       -> better 1 (example 0), worse 3 (examples 1, 2, 3);
+#                                                            both wrong on example 4: not discordant
+#   pooled: 10 pairs, better 1, worse 6 -> exact McNemar p = 0.125 (above)
+VBLORA_CORRECT = {0: [1, 0, 0, 1, 0], 1: [1, 0, 0, 0, 0]}
+LORA_CORRECT = {0: [1, 1, 1, 1, 1], 1: [0, 1, 1, 1, 0], 2: [1, 1, 1, 1, 1]}
+
+
+@pytest.fixture
+def predictions_root(tmp_path):
+    root = tmp_path / "paired"
+    for seed, correct in LORA_CORRECT.items():
+        make_run(root, f"lora_{seed}", "lora", seed, 0.9, 1000.0, {"r": 8}, predictions=classification_rows(correct))
+    for seed, correct in VBLORA_CORRECT.items():
+        make_run(root, f"vblora_{seed}", "vblora", seed, 0.9, 50.0, {"r": 4}, predictions=classification_rows(correct))
+    for seed in (0, 1):
+        make_run(root, f"sora_{seed}", "sora", seed, 0.9, 600.0, {"r": 8})  # no predictions.jsonl
+    return root
+
+
+def test_mcnemar_columns_through_the_report(predictions_root, tmp_path):
+    import pandas as pd
+
+    written = report.write_report(report.collect_runs(predictions_root), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "report.csv").set_index("label")
+    vblora = table.loc["vblora"]
+    assert vblora["examples_test"] == "mcnemar" and vblora["examples_paired"] == 10
+    assert (vblora["examples_better"], vblora["examples_worse"]) == (1, 6)
+    assert vblora["p_examples_vs_control"] == pytest.approx(0.125)
+    for label in ("lora", "sora"):  # the control itself; a configuration without predictions: empty, no error
+        assert table.loc[label, ["examples_test", "examples_paired", "p_examples_vs_control"]].isna().all()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| 1 / 6 (10) | 0.125 |" in md and "exact McNemar test" in md
+    assert tmp_path / "out" / "stages.csv" not in written
+
+
+def test_per_example_columns_empty_when_the_report_scores_validation(predictions_root):
+    table = report.summarise(report.collect_runs(predictions_root, split="validation"))
+    assert table["examples_test"].isna().all() and table["examples_paired"].isna().all()
+
+
+# Language model runs (no label, loss per example): vblora's losses minus lora's over seed 0 (3 examples) and
+# seed 1 (2 examples) are (1, 2, 3, -4, 5): better (lower loss) 1, worse 4, exact Wilcoxon p = 14/32 (above).
+def test_wilcoxon_columns_for_a_language_model(tmp_path):
+    control = {0: [2.0, 2.0, 2.0], 1: [3.0, 3.0]}
+    losses = {0: [3.0, 4.0, 5.0], 1: [-1.0, 8.0]}  # per-example losses need not be realistic here
+    for seed in (0, 1):
+        make_run(tmp_path, f"lora_{seed}", "lora", seed, 30.0, 1000.0, {"r": 8}, task="bbc_lm", metric="perplexity",
+                 predictions=[{"index": i, "loss": v, "tokens": 10} for i, v in enumerate(control[seed])])
+        make_run(tmp_path, f"vblora_{seed}", "vblora", seed, 31.0, 50.0, {"r": 4}, task="bbc_lm", metric="perplexity",
+                 predictions=[{"index": i, "loss": v, "tokens": 10} for i, v in enumerate(losses[seed])])
+    row = report.summarise(report.collect_runs(tmp_path)).set_index("label").loc["vblora"]
+    assert row["examples_test"] == "wilcoxon" and row["examples_paired"] == 5
+    assert (row["examples_better"], row["examples_worse"]) == (1, 4)
+    assert row["p_examples_vs_control"] == pytest.approx(14 / 32)
+
+
+def test_paired_examples_refuses_different_data(tmp_path):
+    a = make_run(tmp_path, "a", "lora", 0, 0.9, 10.0, predictions=classification_rows([1, 1, 1, 1]))
+    b = make_run(tmp_path, "b", "vblora", 0, 0.9, 10.0, predictions=classification_rows([1, 1, 1, 1], [0, 1, 0, 0]))
+    pairs = report.paired_examples({0: a}, {0: a, 1: b})  # seed 1 is the control's only: left out
+    assert list(pairs["index"]) == [0, 1, 2, 3] and set(pairs["seed"]) == {0}
+    with pytest.raises(VBShareError, match=r"^different data: test example 3 of seed 0 has label 0 in .*/b but 1 in "
+                                           r".*/a; [^\n]*$"):
+        report.paired_examples({0: b}, {0: a})
+    lm = [make_run(tmp_path, f"lm{t}", "lora", 0, 30.0, 10.0, predictions=[{"index": 0, "loss": 1.0, "tokens": t}])
+          for t in (5, 6)]
+    with pytest.raises(VBShareError, match="has tokens 5"):
+        report.paired_examples({0: lm[0]}, {0: lm[1]})
+    assert report.read_predictions(tmp_path / "missing") is None
+
+
+# ======================================================================================= sparsifying stages
+def stage_records(ranks: list[int], scores: list[float], lams: list[float]) -> list[dict]:
+    """summary.json's sparsify.stages as vbshare.train.sparsify writes them (flat_record, metric accuracy)."""
+    return [{"stage": i, "lam": lam, "steps": 10, "total_steps": 10 * i, "r_max": 8, "retained_rank": r,
+             "nonzero_params": 100 * r, "param_fraction": r / ranks[0], "memorisation_accuracy": 1.0,
+             "generalisation_accuracy": score, "memorisation_accuracy_rel": 1.0,
+             "generalisation_accuracy_rel": score / scores[0]}
+            for i, (r, score, lam) in enumerate(zip(ranks, scores, lams))]
+
+
+SCHEDULE = {"schedule": "linear", "num_stages": 2, "stage_steps": 10, "max": 20.0, "lr_factor": 1.0,
+            "memorise_examples": 64, "snapshots": True}
+
+
+def test_stages_csv_and_plot(tmp_path):
+    import pandas as pd
+
+    root = tmp_path / "runs"
+    hyper = {"r": 8, "lam": 0, "threshold": "lr_lambda"}  # summary.json lists every hyperparameter
+    make_run(root, "sora_0", "sora", 0, 0.8, 600.0, hyper, sparsify=SCHEDULE,
+             stages=stage_records([16, 9, 4], [0.9, 0.85, 0.8], [0.0, 10.0, 20.0]))
+    make_run(root, "sora_1", "sora", 1, 0.7, 600.0, hyper, sparsify={**SCHEDULE, "snapshots": False},
+             stages=stage_records([16, 12, 2], [0.88, 0.8, 0.7], [0.0, 10.0, 20.0]))
+    make_run(root, "sora_xi", "sora", 0, 0.8, 600.0, {**hyper, "threshold": "constant"}, sparsify=SCHEDULE,
+             stages=stage_records([16, 3], [0.9, 0.6], [0.0, 0.5]))
+    make_run(root, "lora_0", "lora", 0, 0.9, 1000.0, {"r": 8})  # no stages: no rows
+    runs = report.collect_runs(root)
+    assert len(report.summarise(runs)) == 3  # lora and two sora configurations: snapshots=false does not split one
+    written = report.write_report(runs, tmp_path / "out")
+    assert tmp_path / "out" / "stages.csv" in written and tmp_path / "out" / "sparsity_stages.png" in written
+    stages = pd.read_csv(tmp_path / "out" / "stages.csv")
+    assert list(stages.columns) == ["label", "method", "seed", "stage", "knob", "lam", "retained_rank", "r_max",
+                                    "nonzero_params", "metric", "generalisation", "memorisation", "run_dir"]
+    got = stages[["label", "seed", "stage", "knob", "lam", "retained_rank", "metric", "generalisation"]]
+    assert got.values.tolist() == [  # the snapshots setting does not split a configuration
+        ["sora threshold=constant", 0, 0, "xi", 0.0, 16, "accuracy", 0.9],
+        ["sora threshold=constant", 0, 1, "xi", 0.5, 3, "accuracy", 0.6],
+        ["sora threshold=lr_lambda", 0, 0, "lambda", 0.0, 16, "accuracy", 0.9],
+        ["sora threshold=lr_lambda", 0, 1, "lambda", 10.0, 9, "accuracy", 0.85],
+        ["sora threshold=lr_lambda", 0, 2, "lambda", 20.0, 4, "accuracy", 0.8],
+        ["sora threshold=lr_lambda", 1, 0, "lambda", 0.0, 16, "accuracy", 0.88],
+        ["sora threshold=lr_lambda", 1, 1, "lambda", 10.0, 12, "accuracy", 0.8],
+        ["sora threshold=lr_lambda", 1, 2, "lambda", 20.0, 2, "accuracy", 0.7],
+    ]
+    assert (stages["memorisation"] == 1.0).all() and stages.loc[4, "nonzero_params"] == 400
+    assert (tmp_path / "out" / "sparsity_stages.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stages_plot_axes_from_zero(tmp_path):
+    make_run(tmp_path, "sora_0", "sora", 0, 0.8, 600.0, {"r": 8}, sparsify=SCHEDULE,
+             stages=stage_records([16, 9], [0.9, 0.85], [0.0, 10.0]))
+    stages = report.stage_table(report.collect_runs(tmp_path))
+    captured = {}
+    original = report._figure
+
+    def spy(figsize):
+        fig, ax = original(figsize)
+        captured["ax"] = ax
+        return fig, ax
+
+    report._figure = spy
+    try:
+        report.stages_plot(stages, tmp_path / "stages.png")
+    finally:
+        report._figure = original
+    ax = captured["ax"]
+    assert ax.get_xlim()[0] == 0.0 and ax.get_ylim()[0] == 0.0
+    assert "retained rank" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.texts] == ["λ=0", "λ=10"]
+
+
+def test_sparsified_runs_are_their_own_configuration(tmp_path):
+    make_run(tmp_path, "dense", "sora", 0, 0.9, 600.0, {"r": 8})
+    make_run(tmp_path, "staged", "sora", 0, 0.8, 300.0, {"r": 8}, sparsify=SCHEDULE,
+             stages=stage_records([16, 9], [0.9, 0.85], [0.0, 10.0]))
+    table = report.summarise(report.collect_runs(tmp_path))
+    assert sorted(table["label"]) == ["sora sparsify=linear 2x10 to 20", "sora sparsify=off"]
+    assert report.stage_table(report.collect_runs(tmp_path))["label"].unique().tolist() == [
+        "sora sparsify=linear 2x10 to 20"]

@@ -1,20 +1,28 @@
 """`python -m vbshare.report <folder> [--control lora]`: the side-by-side table and plots of finished runs.
 
-Reads only what every run directory holds (summary.json, config.yaml, metrics.jsonl, written by vbshare.train),
-so it works on runs made on another machine. Runs are grouped by (task, metric) and groups are never mixed: a
-folder holding several is reported as one sub-folder per group. Writes, into `--out` (default <folder>/report):
+Reads only what every run directory holds (summary.json, config.yaml, metrics.jsonl and the test split's
+predictions.jsonl, written by vbshare.train), so it works on runs made on another machine. Runs are grouped by
+(task, metric) and groups are never mixed: a folder holding several is reported as one sub-folder per group.
+Writes, into `--out` (default <folder>/report):
   report.md / report.csv  one row per method configuration (runs equal in every setting but the seed): metric
                           mean, sample std and 95 % t-interval over seeds, the paired t-test against the control
-                          over shared seeds, stored / trainable parameters, adapter bytes, wall time, peak memory
+                          over shared seeds, the per-example paired test against the control (exact McNemar for
+                          classification, Wilcoxon signed-rank on per-example losses otherwise) over the test
+                          examples of the shared seeds, stored / trainable parameters, adapter bytes, wall time,
+                          peak memory
   pareto.png              metric against stored parameters (log axis) with 95 % CIs, one line per method across
                           its sizes; configurations storing 0 parameters (head-only) as horizontal lines
   bars.png                the metric per configuration from 0, with 95 % CIs
   curves.png              validation metric against step per configuration (mean over seeds, metrics.jsonl)
+  stages.csv              only when some run went through sparsifying stages (`trainer.sparsify`, SoRA): one
+                          row per run and stage: the knob (λ or ξ), retained rank, the stage's scores
+  sparsity_stages.png     the same runs: held-out score against retained rank, one line per run
 
 Python API (used by vbshare.compare and the notebooks): collect_runs(root or run dirs) -> one row per run;
 split_groups(runs) -> {(task, metric): runs}; summarise(runs, control) -> one row per configuration (one
-task and metric only); mean_ci / paired_p (the statistics); pareto_front, pareto_plot, bar_plot, curves_plot;
-write_report(runs, out, control).
+task and metric only); mean_ci / paired_p / mcnemar_p / wilcoxon_p (the statistics); read_predictions and
+paired_examples (the per-example pairs); stage_table (the sparsifying stages); pareto_front, pareto_plot,
+bar_plot, curves_plot, stages_plot; write_report(runs, out, control).
 """
 from __future__ import annotations
 
@@ -41,12 +49,15 @@ from .train.modes import FULL_FINETUNE, HEAD_ONLY
 from .train.metrics import higher_is_better
 
 SUMMARY, CONFIG, METRICS = "summary.json", "config.yaml", "metrics.jsonl"
+PREDICTIONS = "predictions.jsonl"  # the test split's per-example rows (vbshare.train.evaluation.prediction_rows)
 DEFAULT_CONTROL = "lora"
 CONFIDENCE = 0.95
 POINTS_PER_INCH = 72  # annotation offsets are in points, window extents in pixels (fig.dpi per inch)
 # Trainer settings that define a configuration (runs differing only in seed are pooled; threads, device,
 # progress bars and checkpoints do not change what is trained).
 TRAINER_KEYS = ("max_steps", "batch_size", "max_examples")
+# trainer.sparsify keys that change nothing trained (snapshots are copies of the adapter along the way)
+SPARSIFY_OUTPUT_KEYS = ("snapshots",)
 # data keys that follow the run seed (data/*.yaml sets them to ${seed}): part of the seed, not the configuration
 SEED_FOLLOWING_DATA_KEYS = ("train_subset_seed",)
 # adapter config keys for the compare app, not hyperparameters of the trained adapter
@@ -54,9 +65,14 @@ COMPARE_ONLY_KEYS = ("search", "size_key")
 BASELINE_ORDER = (HEAD_ONLY, FULL_FINETUNE)  # listed before the registered methods, which follow METHODS' order
 SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "higher_is_better", "size_key", "size", "n_seeds",
                    "seeds", "metric_mean", "metric_std", "ci95_low", "ci95_high", "control", "n_pairs",
-                   "diff_vs_control", "p_vs_control", "stored_params", "pct_of_control", "trainable_params",
+                   "diff_vs_control", "p_vs_control", "examples_test", "examples_paired", "examples_better",
+                   "examples_worse", "p_examples_vs_control", "stored_params", "pct_of_control", "trainable_params",
                    "head_params", "adapter_bytes", "wall_time_s", "peak_memory_mb", "retained_rank", "merges",
                    "config_key"]
+EXAMPLE_COLUMNS = ["examples_test", "examples_paired", "examples_better", "examples_worse", "p_examples_vs_control"]
+MCNEMAR, WILCOXON = "mcnemar", "wilcoxon"
+STAGE_COLUMNS = ["label", "method", "seed", "stage", "knob", "lam", "retained_rank", "r_max", "nonzero_params",
+                 "metric", "generalisation", "memorisation", "run_dir"]
 
 
 # ================================================================================================ statistics
@@ -85,6 +101,36 @@ def paired_p(values: Sequence[float], control: Sequence[float]) -> float:
     return float(stats.ttest_rel(x, c).pvalue)
 
 
+def mcnemar_p(better: int, worse: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs of two classifiers scored on the same examples.
+
+    better: examples this one gets right and the other wrong; worse: the reverse. Under the null each discordant
+    example falls either way with probability 1/2: the two-sided binomial test of `better` in better + worse
+    trials, min(1, 2 · P(X ≤ min(better, worse))). 1.0 when there is no discordant example (the two agree)."""
+    better, worse = int(better), int(worse)
+    if better < 0 or worse < 0:
+        raise ValueError(f"counts must be >= 0, got {better} and {worse}")
+    if better + worse == 0:
+        return 1.0
+    return float(stats.binomtest(better, better + worse, 0.5).pvalue)
+
+
+def wilcoxon_p(values: Sequence[float], control: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of values[i] - control[i] (the same example's losses or errors).
+
+    scipy.stats.wilcoxon's defaults: zero differences are dropped, the exact null distribution for up to 50
+    differences without zeros, the normal approximation otherwise. 1.0 when every difference is zero (the two
+    agree on every example), NaN without pairs."""
+    x, c = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
+    if len(x) != len(c):
+        raise ValueError(f"paired test needs equal lengths, got {len(x)} and {len(c)}")
+    if len(x) == 0:
+        return math.nan
+    if not np.any(x != c):
+        return 1.0
+    return float(stats.wilcoxon(x, c).pvalue)
+
+
 # ================================================================================================= collecting
 def _headline(summary: dict[str, Any], split: str | None) -> tuple[str | None, float]:
     """(split, value) of the task metric: the final test score, else the final validation score."""
@@ -103,6 +149,14 @@ def _retained_rank(sharing: Any) -> float | None:
     return float(sum(v if isinstance(v, (int, float)) else len(v) for v in values))
 
 
+def _sparsify_text(spec: Any) -> str:
+    """A short name of a run's sparsifying schedule (trainer.sparsify) for labels: `off`, or e.g. `linear 5x10 to 20`
+    (schedule, stages x steps per stage, the last stage's knob)."""
+    if not isinstance(spec, dict):
+        return "off"
+    return f"{spec.get('schedule')} {spec.get('num_stages')}x{spec.get('stage_steps')} to {_format(spec.get('max'))}"
+
+
 def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     summary = json.loads((run_dir / SUMMARY).read_text())
     config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
@@ -112,11 +166,13 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     hyper = {k: v for k, v in (summary.get("hyperparameters") or {}).items() if k not in COMPARE_ONLY_KEYS}
     size_key = adapter.get("size_key")
     used_split, value = _headline(summary, split)
+    spec = trainer.get("sparsify")  # the sparsifying stages' schedule, or None
     identity = {
         "method": summary.get("method"), "model": summary.get("model"), "task": summary.get("task"),
         "hyperparameters": {k: v for k, v in hyper.items() if k != "targets"},
         "targets": hyper.get("targets"),
         "trainer": {k: trainer.get(k) for k in TRAINER_KEYS},
+        "sparsify": {k: v for k, v in spec.items() if k not in SPARSIFY_OUTPUT_KEYS} if spec else None,
         "data": {k: v for k, v in (config.get("data") or {}).items()
                  if k != "_target_" and k not in SEED_FOLLOWING_DATA_KEYS},
         "full_finetune_lr": (config.get("optim") or {}).get("full_finetune_lr")
@@ -143,6 +199,8 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
         "steps": summary.get("steps"),
         "retained_rank": _retained_rank(sharing),
         "merges": sharing.get("merges") if isinstance(sharing, dict) else None,
+        "sparsify": _sparsify_text(spec),
+        "stages": (summary.get("sparsify") or {}).get("stages") or None,
         "hparams": flatten(identity["hyperparameters"]),
         "config_key": json.dumps(identity, sort_keys=True, default=str),
     }
@@ -153,8 +211,10 @@ def collect_runs(root: str | Path | Iterable[str | Path], split: str | None = No
 
     Columns: run_dir, method, model, task, metric, split, metric_value, seed, size_key, size, stored_params,
     trainable_params, head_params, adapter_bytes, wall_time_s, peak_memory_mb, steps, retained_rank, merges,
-    hparams (dict), config_key (every setting but the seed), label (method plus what tells its configurations
-    apart: the size when that alone does, else the hyperparameters that vary).
+    sparsify (the sparsifying schedule's short name, `off` without one), stages (summary.json's sparsify.stages:
+    one dict of numbers per stage, or None), hparams (dict), config_key (every setting but the seed), label
+    (method plus what tells its configurations apart: the size when that alone does, else the hyperparameters
+    that vary, else the model, task or sparsifying schedule).
     """
     if isinstance(root, (str, Path)):
         root = Path(root)
@@ -207,7 +267,7 @@ def _labels(runs: pd.DataFrame) -> list[str]:
             parts = [f"{k.rsplit('.', 1)[-1] if not k.startswith('lr.') else k}={_format(row['hparams'].get(k))}"
                      for k in sorted(keys)]
             if not parts:  # differ outside the hyperparameters (model, steps, data...)
-                for other in ("model", "task"):
+                for other in ("model", "task", "sparsify"):
                     if configs[other].nunique() > 1:
                         parts.append(f"{other}={row[other]}")
             if not parts:
@@ -220,6 +280,83 @@ def split_groups(runs: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     """The runs per (task, metric), in first-seen order: each group is one table, never mixed with another."""
     keys = list(dict.fromkeys(zip(runs["task"], runs["metric"])))
     return {(task, metric): runs[(runs["task"] == task) & (runs["metric"] == metric)].copy() for task, metric in keys}
+
+
+# ====================================================================================== per-example pairing
+def read_predictions(run_dir: str | Path) -> pd.DataFrame | None:
+    """The test split's per-example rows of a run (predictions.jsonl), indexed by the example's index in the split.
+
+    Columns, as the run wrote them: loss (classification: cross-entropy in nats; regression: squared error; language
+    model: nats per target token), label and correct (classification; regression has label only), tokens (language
+    model: target tokens). None when the run has no predictions.jsonl (not scored on test)."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.DataFrame(read_jsonl(path))
+    except (OSError, ValueError) as err:
+        raise VBShareError(f"cannot read {path}: {err}") from None
+    if "index" not in frame or "loss" not in frame:
+        raise VBShareError(f"{path} has no index and loss per row: not a predictions file written by vbshare.train")
+    if frame["index"].duplicated().any():
+        raise VBShareError(f"{path} lists example {frame.loc[frame['index'].duplicated(), 'index'].iloc[0]} twice; "
+                           "write it again with python -m vbshare.evaluate")
+    keep = [c for c in ("index", "label", "correct", "loss", "tokens") if c in frame]
+    return frame[keep].set_index("index").sort_index()
+
+
+def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path]) -> pd.DataFrame:
+    """The test examples of two configurations paired by (seed, example index), pooled over the shared seeds.
+
+    runs / control: {seed: run directory} of each configuration. Seeds where either run has no predictions.jsonl
+    are left out, and so are indices only one of the two scored. Columns: seed, index, loss, loss_control, and
+    correct, correct_control when both are classifiers (one row per pair; empty when nothing pairs). The two
+    runs of a seed must have scored the same examples: a label (a language model's target-token count) that
+    differs at the same index is refused."""
+    pairs = []
+    for seed in [s for s in runs if s in control]:
+        mine, theirs = read_predictions(runs[seed]), read_predictions(control[seed])
+        if mine is None or theirs is None:
+            continue
+        joined = mine.merge(theirs, how="inner", left_index=True, right_index=True, suffixes=("", "_control"))
+        for column in ("label", "tokens"):
+            if column in mine and column in theirs:
+                differ = joined[column] != joined[f"{column}_control"]
+                if differ.any():
+                    i = differ.idxmax()
+                    raise VBShareError(
+                        f"different data: test example {i} of seed {seed} has {column} {joined.at[i, column]} in "
+                        f"{runs[seed]} but {joined.at[i, f'{column}_control']} in {control[seed]}; per-example tests "
+                        "need the configurations scored on the same test set (same data settings)")
+        keep = ["loss", "loss_control"]
+        if "correct" in mine and "correct" in theirs:
+            keep += ["correct", "correct_control"]
+        pairs.append(joined[keep].rename_axis("index").reset_index().assign(seed=seed))
+    columns = ["seed", "index", "loss", "loss_control"]
+    if not pairs:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(pairs, ignore_index=True)
+    return table[columns + [c for c in ("correct", "correct_control") if c in table]]
+
+
+def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
+    """The per-example test of paired_examples' rows: examples_test, examples_paired, examples_better /
+    examples_worse and p_examples_vs_control. Classifiers (correct in both): exact McNemar on the examples one
+    gets right and the other wrong; otherwise Wilcoxon signed-rank on the per-example losses (better: lower).
+    Every value None / NaN when nothing pairs."""
+    if pairs.empty:
+        return {"examples_test": None, "examples_paired": None, "examples_better": None, "examples_worse": None,
+                "p_examples_vs_control": math.nan}
+    if "correct" in pairs:
+        mine, theirs = pairs["correct"].astype(bool), pairs["correct_control"].astype(bool)
+        better, worse = int((mine & ~theirs).sum()), int((theirs & ~mine).sum())
+        test, p = MCNEMAR, mcnemar_p(better, worse)
+    else:
+        loss, control = pairs["loss"].to_numpy(float), pairs["loss_control"].to_numpy(float)  # (pairs,)
+        better, worse = int((loss < control).sum()), int((loss > control).sum())
+        test, p = WILCOXON, wilcoxon_p(loss, control)
+    return {"examples_test": test, "examples_paired": len(pairs), "examples_better": better, "examples_worse": worse,
+            "p_examples_vs_control": p}
 
 
 # ================================================================================================ summarising
@@ -247,9 +384,12 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
     for one seed). control / n_pairs / diff_vs_control / p_vs_control: the control method's configuration for
     the same model (most seeds, ties: best mean) and, over the seeds both ran, the mean paired difference and
     the paired t-test's two-sided p (NaN for the control itself, fewer than 2 shared seeds, or constant
-    differences). stored_params, adapter_bytes, wall_time_s, peak_memory_mb: means over seeds; pct_of_control:
-    stored parameters as % of the control's. Ordered by method (baselines, then the registry), then stored
-    parameters.
+    differences). examples_test / examples_paired / examples_better / examples_worse / p_examples_vs_control:
+    the per-example test against the same control configuration (examples_vs_control over paired_examples: the
+    test examples of the shared seeds, from runs scored on test that kept predictions.jsonl; empty otherwise and
+    for the control itself). stored_params, adapter_bytes, wall_time_s, peak_memory_mb: means over seeds;
+    pct_of_control: stored parameters as % of the control's. Ordered by method (baselines, then the registry),
+    then stored parameters.
     """
     if runs.empty:
         raise VBShareError("no runs to summarise")
@@ -258,10 +398,13 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
         found = ", ".join(f"{task}/{metric} ({len(g)} runs)" for (task, metric), g in groups.items())
         raise VBShareError(f"these runs mix tasks or metrics ({found}); summarise one group at a time "
                            "(vbshare.report.split_groups) or use write_report, which writes one table per group")
-    rows, seed_scores = [], []
+    rows, seed_scores, test_runs = [], [], []
     for key, group in runs.groupby("config_key", sort=False):
         first = group.iloc[0]
         scores = group.groupby("seed", dropna=False)["metric_value"].mean()  # seed -> score
+        scored = group[group["split"] == "test"].dropna(subset=["seed"]).sort_values("run_dir")
+        scored = scored.drop_duplicates("seed")  # a seed run twice: its first run's examples
+        test_runs.append(dict(zip(scored["seed"], scored["run_dir"])))  # seed -> run directory with test predictions
         mean, std, low, high = mean_ci(scores.to_numpy(float))
         ranks, merges = group["retained_rank"].dropna(), group["merges"].dropna()
         rows.append({
@@ -296,8 +439,11 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
             "n_pairs": len(shared),
             "diff_vs_control": float((values - controls).mean()) if shared else math.nan,
             "p_vs_control": paired_p(values, controls) if shared else math.nan,
+            **examples_vs_control(paired_examples(test_runs[i], test_runs[ref] if shared else {})),
         })
     table = pd.concat([table, pd.DataFrame(against, index=table.index)], axis=1)
+    for column in ("examples_paired", "examples_better", "examples_worse"):
+        table[column] = table[column].astype("Int64")  # counts; <NA> (an empty cell in the CSV) without pairs
 
     def rank(i: int) -> tuple:  # method order, stored parameters, then the label with numbers compared as numbers
         pieces = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(table.at[i, "label"]))
@@ -326,6 +472,41 @@ def pareto_front(table: pd.DataFrame) -> pd.Series:
     return pd.Series(front, index=table.index, name="pareto")
 
 
+# ========================================================================================= sparsifying stages
+def stage_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run and sparsifying stage (summary.json's sparsify.stages, `trainer.sparsify`); empty when no
+    run went through stages.
+
+    Columns: label (the run's configuration), method, seed, stage (0: the dense training), knob (`lambda`, or
+    `xi` for SoRA's threshold=constant) and lam (its value in the stage), retained_rank (kept rank-one
+    components, summed over the adapted modules), r_max (per module), nonzero_params, metric (the task's),
+    generalisation (that metric on the held-out split: validation, else the first evaluation split) and
+    memorisation (on the fixed training subset) after the stage, run_dir. Ordered like the report's table, then
+    by seed and stage."""
+    rows = []
+    for _, run in runs.iterrows():
+        metric = str(run["metric"])
+        knob = "xi" if run["hparams"].get("threshold") == "constant" else "lambda"
+        for record in run["stages"] or []:
+            rows.append({"label": run["label"], "method": run["method"], "seed": run["seed"],
+                         "stage": record.get("stage"), "knob": knob, "lam": record.get("lam"),
+                         "retained_rank": record.get("retained_rank"), "r_max": record.get("r_max"),
+                         "nonzero_params": record.get("nonzero_params"), "metric": metric,
+                         "generalisation": record.get(f"generalisation_{metric}", math.nan),
+                         "memorisation": record.get(f"memorisation_{metric}", math.nan), "run_dir": run["run_dir"]})
+    if not rows:
+        return pd.DataFrame(columns=STAGE_COLUMNS)
+    table = pd.DataFrame(rows, columns=STAGE_COLUMNS)
+
+    def rank(i: int) -> tuple:
+        seed = table.at[i, "seed"]
+        return (method_rank(table.at[i, "method"]), str(table.at[i, "label"]), pd.isna(seed),
+                0 if pd.isna(seed) else seed, table.at[i, "stage"])
+
+    order = sorted(table.index, key=rank)
+    return table.loc[order].reset_index(drop=True)
+
+
 # ================================================================================================== plotting
 def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     """A figure with one axes, outside pyplot: files only, and a notebook's own backend is left alone."""
@@ -347,8 +528,9 @@ def _metric_axis_label(table: pd.DataFrame) -> str:
     return f"{metric} ({direction} is better; mean, 95 % CI)"
 
 
-def _colours(table: pd.DataFrame) -> dict[str, str]:
-    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(table["method"]))}
+def _colours(table: pd.DataFrame, key: str = "method") -> dict[str, str]:
+    """One colour per value of `key` (a method, or a configuration's label), in order of appearance."""
+    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(table[key]))}
 
 
 def _place_labels(fig, texts: list) -> None:
@@ -467,6 +649,50 @@ def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
     return path
 
 
+def stages_plot(stages: pd.DataFrame, path: str | Path) -> Path:
+    """The held-out score after each sparsifying stage against the retained rank, one line per run (stage_table's
+    rows): a colour per configuration, a line style per seed, the knob's value beside the first seed's points.
+    Both axes from 0 (the score's lower down when it is negative)."""
+    metrics = stages["metric"].unique()
+    if len(metrics) != 1:
+        raise VBShareError(f"these stages mix metrics ({', '.join(map(str, metrics))}); plot one task and metric "
+                           "at a time (vbshare.report.split_groups)")
+    metric = str(metrics[0])
+    colours, styles = _colours(stages, "label"), ["-", "--", ":", "-."]
+    symbols = {"lambda": "λ", "xi": "ξ"}
+    fig, ax = _figure((8.5, 5.5))
+    texts, seeds_drawn = [], {}
+    for (label, seed), run in stages.groupby(["label", "seed"], sort=False, dropna=False):
+        run = run.sort_values("stage")
+        drawn = seeds_drawn.setdefault(label, 0)
+        seeds_drawn[label] += 1
+        ax.plot(run["retained_rank"], run["generalisation"], styles[drawn % len(styles)], marker="o", ms=4,
+                color=colours[label], label=f"{label} seed {seed}")
+        if drawn == 0:  # the knob's values once per configuration: the seeds share the schedule
+            for _, row in run.iterrows():
+                texts.append(ax.annotate(f"{symbols.get(row['knob'], row['knob'])}={_format(float(row['lam']))}",
+                                         (row["retained_rank"], row["generalisation"]), textcoords="offset points",
+                                         xytext=(4, 4), fontsize=7, color=colours[label],
+                                         bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8}))
+    scores, ranks = pd.to_numeric(stages["generalisation"]), pd.to_numeric(stages["retained_rank"])
+    low, high = (float(scores.min()), float(scores.max())) if scores.notna().any() else (0.0, 1.0)
+    bottom = min(0.0, low)
+    ax.set_xlim(0.0, 1.1 * float(ranks.max()) if ranks.max() > 0 else 1.0)  # room for the labels on the right
+    ax.set_ylim(bottom, high + 0.1 * (high - bottom) if high > bottom else bottom + 1.0)
+    ax.set_xlabel("retained rank after the stage (rank-one components kept, summed over adapted modules)")
+    direction = "higher" if higher_is_better(metric) else "lower"
+    ax.set_ylabel(f"held-out {metric} after the stage ({direction} is better)")
+    ax.set_title("Sparsifying stages: the knob rises stage by stage, the rank falls", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    _place_labels(fig, texts)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 # ==================================================================================================== tables
 def count_text(value: float) -> str:
     """A parameter count: an integer with thousands separators, one decimal only when it is a fractional mean."""
@@ -483,28 +709,40 @@ def markdown_table(table: pd.DataFrame) -> str:
     metric, front = table["metric"].iloc[0], pareto_front(table)
     control = next((c for c in table["control"] if isinstance(c, str)), None)
     direction = "higher" if higher_is_better(str(metric)) else "lower"
+    tests = set(table["examples_test"].dropna())
+    examples = {MCNEMAR: "exact McNemar test on the examples one configuration gets right and the other wrong",
+                WILCOXON: "Wilcoxon signed-rank test on the per-example losses"}
+    per_example = (f" Per-example: the test examples of the shared seeds, paired by seed and index; better / worse: "
+                   f"examples where the configuration beats the control / the reverse; p: "
+                   f"{' or '.join(examples[t] for t in sorted(tests))}." if tests else "")
     lines = [f"{table['task'].iloc[0]}, {metric} ({direction} is better); 95 % CI: t-interval over seeds; "
-             f"p: paired t-test over shared seeds against {control or 'no control (none among these runs)'}.",
+             f"p: paired t-test over shared seeds against {control or 'no control (none among these runs)'}."
+             + per_example,
              "",
-             f"| configuration | seeds | {metric} mean ± std | 95 % CI | Δ vs control | p vs control | stored params | "
-             "% of control | trainable params | adapter bytes | wall time (s) | peak memory (MiB) | Pareto |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+             f"| configuration | seeds | {metric} mean ± std | 95 % CI | Δ vs control | p vs control | "
+             "examples better / worse (pairs) | p examples | stored params | % of control | trainable params | "
+             "adapter bytes | wall time (s) | peak memory (MiB) | Pareto |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for i, row in table.iterrows():
         ci = "" if math.isnan(row["ci95_low"]) else f"[{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]"
         diff = "" if math.isnan(row["diff_vs_control"]) else f"{row['diff_vs_control']:+.4f}"
         pct = "" if math.isnan(row["pct_of_control"]) else f"{row['pct_of_control']:.1f} %"
         wall = "" if math.isnan(row["wall_time_s"]) else f"{row['wall_time_s']:.0f}"
         memory = "" if math.isnan(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:,.0f}"
+        paired = "" if pd.isna(row["examples_paired"]) else \
+            f"{row['examples_better']:,} / {row['examples_worse']:,} ({row['examples_paired']:,})"
         lines.append(f"| {row['label']} | {row['n_seeds']} | {row['metric_mean']:.4f} ± {row['metric_std']:.4f} | {ci} | "
-                     f"{diff} | {_p_text(row['p_vs_control'])} | {count_text(row['stored_params'])} | {pct} | "
+                     f"{diff} | {_p_text(row['p_vs_control'])} | {paired} | {_p_text(row['p_examples_vs_control'])} | "
+                     f"{count_text(row['stored_params'])} | {pct} | "
                      f"{count_text(row['trainable_params'])} | {count_text(row['adapter_bytes'])} | {wall} | {memory} | "
                      f"{'✓' if front[i] else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CONTROL) -> list[Path]:
-    """report.md, report.csv, pareto.png, bars.png and curves.png in `out`; with several (task, metric) groups,
-    the same set in one sub-folder `<task>-<metric>` per group. Returns the files written."""
+    """report.md, report.csv, pareto.png, bars.png and curves.png in `out`, plus stages.csv and
+    sparsity_stages.png when some run went through sparsifying stages; with several (task, metric) groups, the
+    same set in one sub-folder `<task>-<metric>` per group. Returns the files written."""
     out = Path(out)
     groups = split_groups(runs)
     written = []
@@ -519,6 +757,10 @@ def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CON
                     bar_plot(table, folder / "bars.png")]
         curves = curves_plot(group, table, folder / "curves.png")
         written += [curves] if curves else []
+        stages = stage_table(group)
+        if len(stages):
+            atomic_write(folder / "stages.csv", stages.to_csv(index=False).encode())
+            written += [folder / "stages.csv", stages_plot(stages, folder / "sparsity_stages.png")]
     return written
 
 
