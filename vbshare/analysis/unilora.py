@@ -19,7 +19,7 @@ from torch import Tensor
 from ..adapters.unilora import build_index_map
 from ..errors import VBShareError
 from ..targets import layer_index
-from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, module_kind, read_adapter, short_name
+from .common import STATE_PREFIX, AdapterFolder, PathLike, method_folder, module_kind, short_name
 
 FACTORS = ("A", "B")
 ENTRY_COLUMNS = ["entry", "value", "uses", "scale", "read_value", "uses_A", "uses_B", "modules", "layers", "kinds"]
@@ -31,10 +31,7 @@ IndexMap = dict[str, tuple[Tensor, Tensor]]  # module -> (idx_A (r, in), idx_B (
 
 # -- the index map ------------------------------------------------------------------------------------------
 def _folder(source: PathLike | AdapterFolder) -> AdapterFolder:
-    folder = source if isinstance(source, AdapterFolder) else read_adapter(adapter_dir(source))
-    if folder.method != "unilora":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not unilora")
-    return folder
+    return method_folder(source, "unilora")
 
 
 def index_map(source: PathLike | AdapterFolder) -> IndexMap:
