@@ -180,3 +180,24 @@ def test_unilora_folder_map_is_the_models(save_indices, tmp_path):
     draws(UL.plot_sharing(entries))
     draws(UL.plot_theta_distribution(entries, init_bound=0.02))
     draws(UL.plot_sharing_matrix(UL.sharing_matrix(found, 30, by="short")))
+
+
+def test_unilora_count_axes_have_whole_number_ticks():
+    """Counts of θ entries (and of their readers) are whole numbers: with the hand-built map's small counts
+    (at most two θ entries per bar, three shared) the default locator would place ticks at 0.25 or 0.5 steps, and
+    with every θ entry read 14 times (one bar, 13.6..14.4) at 0.1 steps."""
+    entries = UL.entry_table_from(torch.tensor([1.0, 2.0, 3.0, 4.0]), hand_built_map())
+    sharing = UL.plot_sharing(entries)
+    one_bar = UL.plot_sharing(entries.assign(uses=14))
+    theta = UL.plot_theta_distribution(entries, bins=4)
+    matrix = UL.plot_sharing_matrix(UL.sharing_matrix(hand_built_map(), 4))
+    for fig in (sharing, one_bar, theta, matrix):
+        draws(fig)
+    count_axes = [(ax, "xy") for ax in sharing.axes + one_bar.axes] + [(ax, "y") for ax in theta.axes]
+    for ax, which in [*count_axes, (matrix.axes[1], "y")]:  # axes[1]: the colour bar
+        for axis in which:
+            ticks = getattr(ax, f"get_{axis}ticks")()
+            low, high = getattr(ax, f"get_{axis}lim")()
+            shown = [t for t in ticks if low <= t <= high]
+            assert shown and all(float(t).is_integer() for t in shown), (ax.get_xlabel(), axis, shown)
+    assert [t for t in one_bar.axes[0].get_xticks() if 13.5 < t < 14.5] == [14]

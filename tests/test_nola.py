@@ -18,30 +18,13 @@ from vbshare.adapters.nola import NOLAConfig
 from vbshare.checkpoint import WEIGHTS_FILE
 from vbshare.errors import VBShareError
 
+from toy_model import Toy, batch, build_toy, train
+
 K, L, R = 10, 6, 3
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 12)  # (out=12, in=8)
-        self.proj = nn.Linear(12, 8)  # (out=8, in=12)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(Block() for _ in range(2))
-
-    def forward(self, x):
-        for block in self.layers:
-            x = x + torch.tanh(block.proj(torch.tanh(block.fc(x))))
-        return x
-
-
 def toy() -> Toy:
-    torch.manual_seed(0)
-    return Toy()
+    return build_toy(blocks=2)
 
 
 def adapted(**hyperparameters) -> Toy:
@@ -49,18 +32,6 @@ def adapted(**hyperparameters) -> Toy:
     torch.manual_seed(1)
     options = {"r": R, "num_basis_a": K, "num_basis_b": L, "alpha": 6.0, **hyperparameters}
     return vbshare.inject(model, "nola", targets=["fc", "proj"], **options)
-
-
-def batch(seed: int) -> torch.Tensor:
-    return torch.randn(5, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def train(model: nn.Module, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=5e-2))
-    for step in range(1, steps + 1):
-        model(batch(step)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def bases_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,54 +18,22 @@ from vbshare.errors import VBShareError
 
 from adapter_cases import CASES
 from test_matrix import build_adapted, train_steps
+from toy_model import Toy, batch, build_toy, train
 
 FACTORS = ("A", "B", "u", "v")
 SUBSETS = [list(c) for n in range(1, 5) for c in itertools.combinations(FACTORS, n)]
 R, ALPHA, SEED = 3, 6.0, 7
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 12)  # (out=12, in=8)
-        self.proj = nn.Linear(12, 8)  # (out=8, in=12)
-
-
-class Toy(nn.Module):
-    """Three blocks, so each role (layers.*.fc, layers.*.proj) is a sharing group of three layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(Block() for _ in range(3))
-
-    def forward(self, x):
-        for block in self.layers:
-            x = x + torch.tanh(block.proj(torch.tanh(block.fc(x))))
-        return x
-
-
 def toy(seed: int = 0) -> Toy:
-    torch.manual_seed(seed)
-    return Toy()
+    """Three blocks, so each role (layers.*.fc, layers.*.proj) is a sharing group of three layers."""
+    return build_toy(blocks=3, seed=seed)
 
 
 def adapted(train: list[str], seed: int = 0) -> Toy:
     model = toy(seed)
     torch.manual_seed(seed + 1)
     return vbshare.inject(model, "tied_lora", targets=["fc", "proj"], r=R, alpha=ALPHA, seed=SEED, train=train)
-
-
-def batch(seed: int) -> torch.Tensor:
-    return torch.randn(5, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def train(model: nn.Module, steps: int = 3, lr: float = 5e-2) -> None:
-    optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=lr))
-    for step in range(1, steps + 1):
-        model(batch(step)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        vbshare.after_step(model, optimizer, step)
 
 
 def frozen_draw(role: str, factor: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -293,3 +261,23 @@ def test_analysis_reads_a_saved_adapter_and_draws(tmp_path):
     vbshare.save_adapter(lora, tmp_path / "lora")
     with pytest.raises(VBShareError, match="not tied_lora"):
         TL.vector_table(tmp_path / "lora")
+
+
+def test_analysis_vector_plot_keeps_zero_and_the_starting_values_in_view():
+    """The per-layer line plot shared with VeRA: y from 0 up to 1.1 × the larger of the data and the dashed
+    starting values, so a vector that never reaches its start (here rms ≤ 0.4, start 1) still shows the start."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from vbshare.analysis.common import plot_stat_by_layer
+
+    rows = pd.DataFrame({"layer": [0, 1, 0, 1], "kind": ["fc", "fc", "proj", "proj"], "rms": [0.2, 0.4, 0.1, 0.3],
+                         "trained": [True, True, False, False]})
+    ax = Figure().subplots()
+    plot_stat_by_layer(ax, rows, "rms", init_lines=[1.0])
+    assert ax.get_ylim() == pytest.approx((0.0, 1.1))
+    assert [line.get_linestyle() for line in ax.lines[:2]] == ["-", ":"]  # proj is frozen: dotted
+    assert [line.get_ydata()[0] for line in ax.lines[2:]] == [1.0]  # one dashed start line
+    ax = Figure().subplots()
+    plot_stat_by_layer(ax, rows.assign(rms=[-0.5, 2.0, 0.0, 0.0]), "rms")
+    assert ax.get_ylim() == pytest.approx((-0.55, 2.2))

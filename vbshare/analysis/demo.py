@@ -5,7 +5,8 @@
   `snapshots/step_<N>/`.
 * `sora_sparsify_run(run_dir)`: SoRA through the app with its sparsifying stages (`trainer.sparsify`); the run
   holds `sora_stages.jsonl`, a gate snapshot per stage in `snapshots/stage_<i>/` and the pruned adapter in `adapter/`.
-* `sweep(root, methods, seeds)`: one finished run per (method, seed) under `root/<method>/seed<k>/`.
+* `sweep(root, methods, seeds)`: one finished run per (method, seed) under `root/<method>/seed<k>/`; by default
+  every registered method (`vbshare.METHODS`), about two seconds a run on a CPU at `trainer.max_steps=8`.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from ..errors import VBShareError
+from ..registry import METHODS
 from ..train import CONFIG_DIR, run_training
 from .common import PathLike
 
 DEMO = ("model=tiny_bert", "trainer=debug", "data.max_length=32")
-# Per method: hyperparameters that make the sharing machinery act within a few dozen steps.
-ACTIVE = {"aslora": {"merge_start": 5, "merge_every": 3, "share_ratio": 0.5}}
+# Per method: hyperparameters that make the sharing machinery act within a few dozen steps (and fit tiny BERT:
+# Uni-LoRA's default θ of 16,384 entries is longer than its 7,168 factor entries, so most of θ would go unread).
+ACTIVE = {"aslora": {"merge_start": 5, "merge_every": 3, "share_ratio": 0.5}, "unilora": {"theta_d_length": 1024}}
 # SoRA demo: τ = lr_gate · λ per step, so a gate lr of 5e-2 lets λ up to 2.5 prune within a few steps per stage.
 SORA_SCHEDULE = {"schedule": "linear", "num_stages": 5, "max": 2.5, "stage_steps": 3}
 SORA_OVERRIDES = ("adapter.lr.gate=5.0e-2", "adapter.lr.default=1.0e-2", "adapter.lr.head=1.0e-2")
@@ -103,10 +106,20 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     return run_dir
 
 
-def sweep(root: PathLike, methods: Sequence[str] = ("lora", "vblora", "aslora", "sora"), seeds: Sequence[int] = (0,),
+def sweep(root: PathLike, methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
           overrides: Sequence[str] = (), quiet: bool = True) -> Path:
-    """One finished run per (method, seed) under `root/<method>/seed<k>/`; returns root."""
+    """One finished run per (method, seed) under `root/<method>/seed<k>/`; returns root.
+
+    `methods`: adapter configs of the app (`configs/adapter/<name>.yaml`); None: every method registered in
+    `vbshare.METHODS` at call time, in registration order. Checked before anything trains.
+    """
     root = Path(root)
+    methods = list(METHODS) if methods is None else list(methods)
+    known = sorted(path.stem for path in (CONFIG_DIR / "adapter").glob("*.yaml"))
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise VBShareError(f"no adapter config for {', '.join(map(repr, unknown))}; methods with a config in "
+                           f"{CONFIG_DIR / 'adapter'}: {', '.join(known)}")
     for method in methods:
         for seed in seeds:
             train_run(method, root / method / f"seed{seed}", overrides=[f"seed={seed}", *overrides], quiet=quiet)

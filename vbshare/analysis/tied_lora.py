@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..adapters.tied_lora import TiedLoRAConfig
 from ..errors import VBShareError
-from ..targets import layer_index
-from .common import AdapterFolder, PathLike, adapter_dir, module_kind, read_adapter, short_name
+from .common import (AdapterFolder, PathLike, layer_entry_matrix, method_folder, module_columns, module_kind,
+                     plot_layer_entry_heatmap, plot_stat_by_layer, vector_stats)
 
 VECTORS = ("u", "v")
 VECTOR_COLUMNS = ["module", "short", "layer", "kind", "vector", "trained", "size", "init", "norm", "rms", "mean",
@@ -57,23 +57,13 @@ def vector_table_from_tensors(tensors: Mapping[str, Tensor], targets: Mapping[st
     config.validate()
     rows = []
     for (module, vector), values in vectors_from_tensors(tensors, targets, r, train).items():
-        init = _initial_value(config, vector)
-        values = values.double()
-        rows.append({
-            "module": module, "short": short_name(module), "layer": layer_index(module), "kind": module_kind(module),
-            "vector": vector, "trained": vector in config.train, "size": values.numel(), "init": init,
-            "norm": values.norm().item(), "rms": values.pow(2).mean().sqrt().item(), "mean": values.mean().item(),
-            "min": values.min().item(), "max": values.max().item(),
-            "drift": (values - init).pow(2).mean().sqrt().item(),
-        })
+        rows.append({**module_columns(module), "vector": vector, "trained": vector in config.train,
+                     **vector_stats(values, _initial_value(config, vector))})
     return pd.DataFrame(rows, columns=VECTOR_COLUMNS)
 
 
 def _folder(source: PathLike | AdapterFolder) -> AdapterFolder:
-    folder = source if isinstance(source, AdapterFolder) else read_adapter(adapter_dir(source))
-    if folder.method != "tied_lora":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not tied_lora")
-    return folder
+    return method_folder(source, "tied_lora")
 
 
 def vector_table(source: PathLike | AdapterFolder) -> pd.DataFrame:
@@ -87,29 +77,17 @@ def vector_values(source: PathLike | AdapterFolder | Mapping[tuple[str, str], Te
     """Layer × entry matrix of one vector for one module kind (e.g. `attention.self.query`): rows are layers in
     depth order, columns the r entries of u (or the out entries of v). `source` may be a folder or the dict of
     `vectors_from_tensors`."""
-    if vector not in VECTORS:
-        raise VBShareError(f"vector must be u or v, got {vector!r}")
-    if isinstance(source, Mapping):
-        found = source
-    else:
+    if not isinstance(source, Mapping):
         folder = _folder(source)
-        found = vectors_from_tensors(folder.tensors, folder.targets, int(folder.config["r"]), folder.config["train"])
-    rows = {layer_index(m): values.numpy() for (m, v), values in found.items() if v == vector and module_kind(m) == kind}
-    if not rows:
-        kinds = sorted({module_kind(m) for m, _ in found})
-        raise VBShareError(f"no module of kind {kind!r}; kinds present: {', '.join(kinds)}")
-    layers = sorted(rows, key=lambda i: -1 if i is None else i)
-    table = pd.DataFrame(np.stack([rows[i] for i in layers]), index=layers)  # (layers, r or out)
-    table.index.name, table.columns.name = "layer", "entry"
-    return table
+        source = vectors_from_tensors(folder.tensors, folder.targets, int(folder.config["r"]), folder.config["train"])
+    return layer_entry_matrix(source, kind, vector, VECTORS)  # (layers, r or out)
 
 
 # -- figures ----------------------------------------------------------------------------------------------------
 def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None = None):
     """Two panels (u, v): the vectors' `stat` ("rms", "drift", "norm", "mean") per layer, one line per module
-    kind; y from 0, the starting value dashed (for rms / mean)."""
+    kind (dotted where frozen); y from 0, the starting value dashed (for rms / mean)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     if stat not in ("rms", "drift", "norm", "mean"):
         raise VBShareError(f"stat must be rms, drift, norm or mean, got {stat!r}")
@@ -117,18 +95,7 @@ def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None 
     axes = fig.subplots(1, 2)
     for ax, vector in zip(axes, VECTORS):
         mine = table[table["vector"] == vector]
-        for i, (kind, rows) in enumerate(mine.groupby("kind", sort=False)):
-            rows = rows.sort_values("layer")
-            style = "-" if rows["trained"].all() else ":"
-            ax.plot(rows["layer"], rows[stat], style, marker="o", color=f"C{i}", label=kind)
-        if stat in ("rms", "mean") and len(mine):
-            for init in sorted(set(mine["init"])):
-                ax.axhline(init, color="grey", linestyle="--", linewidth=0.8)
-        low = min(0.0, float(mine[stat].min())) if len(mine) else 0.0
-        high = max(1.0, float(mine[stat].max())) if len(mine) else 1.0
-        ax.set_ylim(low, high * 1.1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
+        plot_stat_by_layer(ax, mine, stat, set(mine["init"]) if stat in ("rms", "mean") else ())
         ax.set_ylabel(f"{stat} of {vector}")
         ax.set_title(f"{vector} ({'r entries' if vector == 'u' else 'out entries'}; dotted = frozen)", fontsize=9)
     axes[0].legend(fontsize=7)
@@ -138,25 +105,7 @@ def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None 
 
 def plot_vector_heatmap(values: pd.DataFrame, center: float = 1.0, title: str | None = None, ax=None):
     """Heatmap of a layer × entry matrix (`vector_values`), diverging around `center` (the starting value)."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(2.5 + min(0.35 * values.shape[1], 9.0), 1.2 + 0.35 * values.shape[0]),
-                     layout="constrained")
-        ax = fig.subplots()
-    data = values.to_numpy(dtype=float)
-    spread = max(float(np.abs(data - center).max()), 1e-12)
-    norm = TwoSlopeNorm(vcenter=center, vmin=center - spread, vmax=center + spread)
-    image = ax.imshow(data, cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(values.index)), [f"L{i}" for i in values.index], fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("entry")
-    ax.set_title(title or "scaling vector per layer", fontsize=9)
-    ax.figure.colorbar(image, ax=ax, shrink=0.8)
-    return fig if fig is not None else ax.figure
+    return plot_layer_entry_heatmap(values, center, title or "scaling vector per layer", ax)
 
 
 def plot_u_heatmaps(source: PathLike | AdapterFolder):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..adapters.unilora import build_index_map
 from ..errors import VBShareError
 from ..targets import layer_index
-from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, module_kind, read_adapter, short_name
+from .common import STATE_PREFIX, AdapterFolder, PathLike, method_folder, module_kind, short_name
 
 FACTORS = ("A", "B")
 ENTRY_COLUMNS = ["entry", "value", "uses", "scale", "read_value", "uses_A", "uses_B", "modules", "layers", "kinds"]
@@ -31,10 +31,7 @@ IndexMap = dict[str, tuple[Tensor, Tensor]]  # module -> (idx_A (r, in), idx_B (
 
 # -- the index map ------------------------------------------------------------------------------------------
 def _folder(source: PathLike | AdapterFolder) -> AdapterFolder:
-    folder = source if isinstance(source, AdapterFolder) else read_adapter(adapter_dir(source))
-    if folder.method != "unilora":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not unilora")
-    return folder
+    return method_folder(source, "unilora")
 
 
 def index_map(source: PathLike | AdapterFolder) -> IndexMap:
@@ -142,10 +139,18 @@ def usage_summary(entries: pd.DataFrame) -> dict[str, Any]:
 
 
 # -- figures ------------------------------------------------------------------------------------------------
-def plot_sharing(entries: pd.DataFrame, title: str | None = None):
-    """How widely θ entries are shared: histograms of factor entries, modules and layers per θ entry."""
-    from matplotlib.figure import Figure
+def _count_ticks(axis) -> None:
+    """Whole-number ticks on a matplotlib axis that shows a count, even when its view holds a single integer
+    (one bar at 14 spans 13.6..14.4; MaxNLocator's default would then fall back to 0.1 steps)."""
     from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def plot_sharing(entries: pd.DataFrame, title: str | None = None):
+    """How widely θ entries are shared: histograms of factor entries, modules and layers per θ entry (counts on
+    both axes, so whole-number ticks)."""
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 3.2), layout="constrained")
     for ax, column, label in zip(fig.subplots(1, 3), ("uses", "modules", "layers"),
@@ -155,7 +160,8 @@ def plot_sharing(entries: pd.DataFrame, title: str | None = None):
         ax.set_xlabel(f"{label} reading one θ entry")
         ax.set_ylabel("θ entries")
         ax.set_ylim(0, max(int(counts.max()), 1) * 1.1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _count_ticks(ax.xaxis)
+        _count_ticks(ax.yaxis)
     fig.suptitle(title or f"Uni-LoRA: how many read each θ entry (d = {len(entries)}, "
                           f"D = {int(entries['uses'].sum())})")
     return fig
@@ -163,7 +169,8 @@ def plot_sharing(entries: pd.DataFrame, title: str | None = None):
 
 def plot_theta_distribution(entries: pd.DataFrame, bins: int = 50, init_bound: float | None = None,
                             title: str | None = None):
-    """Histograms of the learned θ and of what factor entries read (θ·c); `init_bound` marks U(−b, b) at init."""
+    """Histograms of the learned θ and of what factor entries read (θ·c); `init_bound` marks U(−b, b) at init.
+    The y axes count θ entries (whole-number ticks)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.2), layout="constrained")
@@ -174,12 +181,14 @@ def plot_theta_distribution(entries: pd.DataFrame, bins: int = 50, init_bound: f
                 ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xlabel(label)
         ax.set_ylabel("θ entries")
+        _count_ticks(ax.yaxis)
     fig.suptitle(title or "Uni-LoRA: the learned vector" + (" (dashed: init range)" if init_bound else ""))
     return fig
 
 
 def plot_sharing_matrix(matrix: pd.DataFrame, title: str | None = None):
-    """Heatmap of `sharing_matrix`: θ entries two modules (layers, kinds) both read, from 0."""
+    """Heatmap of `sharing_matrix`: θ entries two modules (layers, kinds) both read, from 0 (a count: the colour
+    bar has whole-number ticks)."""
     from matplotlib.figure import Figure
 
     size = min(10, 2.5 + 0.28 * len(matrix))
@@ -190,5 +199,6 @@ def plot_sharing_matrix(matrix: pd.DataFrame, title: str | None = None):
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_title(title or "Uni-LoRA: θ entries read by both")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="shared θ entries")
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, label="shared θ entries")
+    _count_ticks(bar.ax.yaxis)
     return fig

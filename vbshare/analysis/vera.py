@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
 from ..adapters.vera import draw_projections
 from ..errors import VBShareError
-from ..targets import layer_index
-from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, module_kind, read_adapter, short_name
+from .common import (STATE_PREFIX, AdapterFolder, PathLike, layer_entry_matrix, method_folder, module_columns,
+                     plot_layer_entry_heatmap, plot_stat_by_layer, vector_stats)
 
 VECTORS = ("lambda_d", "lambda_b")
 VECTOR_COLUMNS = ["module", "short", "layer", "kind", "vector", "size", "init", "norm", "rms", "mean", "min", "max",
@@ -48,21 +46,12 @@ def vector_table_from_tensors(tensors: Mapping[str, Tensor], modules: Sequence[s
     rows = []
     for (module, vector), values in vectors_from_tensors(tensors, modules).items():
         init = float(d_initial) if vector == "lambda_d" else 0.0
-        values = values.double()
-        rows.append({
-            "module": module, "short": short_name(module), "layer": layer_index(module), "kind": module_kind(module),
-            "vector": vector, "size": values.numel(), "init": init, "norm": values.norm().item(),
-            "rms": values.pow(2).mean().sqrt().item(), "mean": values.mean().item(), "min": values.min().item(),
-            "max": values.max().item(), "drift": (values - init).pow(2).mean().sqrt().item(),
-        })
+        rows.append({**module_columns(module), "vector": vector, **vector_stats(values, init)})
     return pd.DataFrame(rows, columns=VECTOR_COLUMNS)
 
 
 def _folder(source: PathLike | AdapterFolder) -> AdapterFolder:
-    folder = source if isinstance(source, AdapterFolder) else read_adapter(adapter_dir(source))
-    if folder.method != "vera":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not vera")
-    return folder
+    return method_folder(source, "vera")
 
 
 def vector_table(source: PathLike | AdapterFolder) -> pd.DataFrame:
@@ -76,21 +65,10 @@ def vector_values(source: PathLike | AdapterFolder | Mapping[tuple[str, str], Te
     """Layer × entry matrix of one vector for one module kind (e.g. `attention.self.query`): rows are layers in
     depth order, columns the r entries of λ_d (or the out entries of λ_b). `source` may be a folder or the dict of
     `vectors_from_tensors`."""
-    if vector not in VECTORS:
-        raise VBShareError(f"vector must be lambda_d or lambda_b, got {vector!r}")
-    if isinstance(source, Mapping):
-        found = source
-    else:
+    if not isinstance(source, Mapping):
         folder = _folder(source)
-        found = vectors_from_tensors(folder.tensors, list(folder.targets))
-    rows = {layer_index(m): values.numpy() for (m, v), values in found.items() if v == vector and module_kind(m) == kind}
-    if not rows:
-        kinds = sorted({module_kind(m) for m, _ in found})
-        raise VBShareError(f"no module of kind {kind!r}; kinds present: {', '.join(kinds)}")
-    layers = sorted(rows, key=lambda i: -1 if i is None else i)
-    table = pd.DataFrame(np.stack([rows[i] for i in layers]), index=layers)  # (layers, r or out)
-    table.index.name, table.columns.name = "layer", "entry"
-    return table
+        source = vectors_from_tensors(folder.tensors, list(folder.targets))
+    return layer_entry_matrix(source, kind, vector, VECTORS)  # (layers, r or out)
 
 
 def delta_norm_table_from(vectors: Mapping[tuple[str, str], Tensor], targets: Mapping[str, Sequence[int]],
@@ -105,8 +83,7 @@ def delta_norm_table_from(vectors: Mapping[tuple[str, str], Tensor], targets: Ma
         A = lambda_d[:, None] * A_all[:, :in_features]  # (r, in)
         B = lambda_b[:, None] * B_all[:out_features]  # (out, r)
         norm = (B @ A).norm().item()
-        rows.append({"module": module, "short": short_name(module), "layer": layer_index(module),
-                     "kind": module_kind(module), "out": out_features, "in": in_features, "delta_norm": norm,
+        rows.append({**module_columns(module), "out": out_features, "in": in_features, "delta_norm": norm,
                      "delta_rms": norm / (out_features * in_features) ** 0.5})
     return pd.DataFrame(rows, columns=DELTA_COLUMNS)
 
@@ -134,7 +111,6 @@ def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None 
     """Two panels (λ_d, λ_b): the vectors' `stat` ("rms", "drift", "norm", "mean") per layer, one line per module
     kind; y from 0, λ_d's starting value dashed (for rms / mean)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     if stat not in ("rms", "drift", "norm", "mean"):
         raise VBShareError(f"stat must be rms, drift, norm or mean, got {stat!r}")
@@ -142,17 +118,7 @@ def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None 
     axes = fig.subplots(1, 2)
     for ax, vector, label in zip(axes, VECTORS, ("λ_d (r entries)", "λ_b (out entries)")):
         mine = table[table["vector"] == vector]
-        for i, (kind, rows) in enumerate(mine.groupby("kind", sort=False)):
-            rows = rows.sort_values("layer")
-            ax.plot(rows["layer"], rows[stat], marker="o", color=f"C{i}", label=kind)
-        if stat in ("rms", "mean") and len(mine):
-            for init in sorted(set(mine["init"]) - {0.0}):
-                ax.axhline(init, color="grey", linestyle="--", linewidth=0.8)
-        low = min(0.0, float(mine[stat].min())) if len(mine) else 0.0
-        high = float(mine[stat].max()) if len(mine) else 1.0
-        ax.set_ylim(low * 1.1, (high if high > 0 else 1.0) * 1.1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
+        plot_stat_by_layer(ax, mine, stat, set(mine["init"]) - {0.0} if stat in ("rms", "mean") else ())
         ax.set_ylabel(f"{stat}")
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=7)
@@ -162,26 +128,7 @@ def plot_vector_norms(table: pd.DataFrame, stat: str = "rms", title: str | None 
 
 def plot_vector_heatmap(values: pd.DataFrame, center: float = 0.0, title: str | None = None, ax=None):
     """Heatmap of a layer × entry matrix (`vector_values`), diverging around `center` (λ_d: d_initial; λ_b: 0)."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(2.5 + min(0.35 * values.shape[1], 9.0), 1.2 + 0.35 * values.shape[0]),
-                     layout="constrained")
-        ax = fig.subplots()
-    data = values.to_numpy(dtype=float)
-    spread = max(float(np.abs(data - center).max()), 1e-12)
-    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="coolwarm",
-                      norm=TwoSlopeNorm(vcenter=center, vmin=center - spread, vmax=center + spread))
-    ax.set_yticks(range(len(values.index)), [str(i) for i in values.index])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("entry")
-    ax.set_ylabel("layer")
-    ax.set_title(title or "VeRA: vector entries per layer")
-    (fig or ax.figure).colorbar(image, ax=ax, label=f"value (centre {center:g})")
-    return fig if fig is not None else ax.figure
+    return plot_layer_entry_heatmap(values, center, title or "VeRA: vector entries per layer", ax)
 
 
 def plot_delta_norms(table: pd.DataFrame, stat: str = "delta_norm", title: str | None = None):
