@@ -247,11 +247,13 @@ def classification_rows(correct: list[int], labels: list[int] | None = None) -> 
              "scores": [0.5, 0.5]} for i, (ok, y) in enumerate(zip(correct, labels))]
 
 
-# vblora against the lora control over the seeds both ran (0 and 1; lora's seed 2 has no partner):
-#   seed 0: vblora right on (0, 3), lora on all five     -> better 0, worse 3 (examples 1, 2, 4)
-#   seed 1: vblora right on (0,), lora on (1, 2, 3)       -> better 1 (example 0), worse 3 (examples 1, 2, 3);
-#                                                            both wrong on example 4: not discordant
-#   pooled: 10 pairs, better 1, worse 6 -> exact McNemar p = 0.125 (above)
+# vblora against the lora control over the seeds both ran (0 and 1; lora's seed 2 has no partner). Each example's
+# correctness is averaged over the two seeds first (the example, not the seed copy, is the unit):
+#   vblora right on seed 0 (0, 3), seed 1 (0,)       -> per example 1, 0, 0, 0.5, 0
+#   lora right on seed 0 (all),    seed 1 (1, 2, 3)  -> per example 0.5, 1, 1, 1, 0.5
+#   lead = vblora - lora = 0.5, -1, -1, -0.5, -0.5   -> 5 examples, better 1 (example 0), worse 4
+#   exact sign test: 2 * P(X <= 1 | 5, 1/2) = 2 * 6/32 = 0.375
+# (pooling the 10 seed copies as independent pairs would give better 1, worse 6, p = 0.125.)
 VBLORA_CORRECT = {0: [1, 0, 0, 1, 0], 1: [1, 0, 0, 0, 0]}
 LORA_CORRECT = {0: [1, 1, 1, 1, 1], 1: [0, 1, 1, 1, 0], 2: [1, 1, 1, 1, 1]}
 
@@ -274,13 +276,13 @@ def test_mcnemar_columns_through_the_report(predictions_root, tmp_path):
     written = report.write_report(report.collect_runs(predictions_root), tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "report.csv").set_index("label")
     vblora = table.loc["vblora"]
-    assert vblora["examples_test"] == "mcnemar" and vblora["examples_paired"] == 10
-    assert (vblora["examples_better"], vblora["examples_worse"]) == (1, 6)
-    assert vblora["p_examples_vs_control"] == pytest.approx(0.125)
+    assert vblora["examples_test"] == "mcnemar" and vblora["examples_paired"] == 5
+    assert (vblora["examples_better"], vblora["examples_worse"]) == (1, 4)
+    assert vblora["p_examples_vs_control"] == pytest.approx(0.375)
     for label in ("lora", "sora"):  # the control itself; a configuration without predictions: empty, no error
         assert table.loc[label, ["examples_test", "examples_paired", "p_examples_vs_control"]].isna().all()
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| 1 / 6 (10) | 0.125 |" in md and "exact McNemar test" in md
+    assert "| 1 / 4 (5) | 0.375 |" in md and "exact McNemar (sign) test on correctness" in md
     assert tmp_path / "out" / "stages.csv" not in written
 
 
@@ -289,20 +291,38 @@ def test_per_example_columns_empty_when_the_report_scores_validation(predictions
     assert table["examples_test"].isna().all() and table["examples_paired"].isna().all()
 
 
-# Language model runs (no label, loss per example): vblora's losses minus lora's over seed 0 (3 examples) and
-# seed 1 (2 examples) are (1, 2, 3, -4, 5): better (lower loss) 1, worse 4, exact Wilcoxon p = 14/32 (above).
+# Language model runs (no label, loss per example), each example's loss averaged over the seeds that scored it:
+#   example 0: vblora (3 + -1)/2 = 1 vs lora (2 + 3)/2 = 2.5 -> -1.5;  example 1: (4 + 8)/2 = 6 vs 2.5 -> +3.5;
+#   example 2 (seed 0 only): 5 vs 2 -> +3.  Differences (-1.5, 3.5, 3): ranks 1, 3, 2, W- = 1; of the 2^3 = 8 sign
+#   patterns 2 give W- <= 1 ({}, {1}), so p = 2 * 2/8 = 0.5; better (lower loss) 1, worse 2.
 def test_wilcoxon_columns_for_a_language_model(tmp_path):
     control = {0: [2.0, 2.0, 2.0], 1: [3.0, 3.0]}
     losses = {0: [3.0, 4.0, 5.0], 1: [-1.0, 8.0]}  # per-example losses need not be realistic here
+    # (the runs of one seed score the same examples; seed 1 scored fewer only to make the averaging visible)
     for seed in (0, 1):
         make_run(tmp_path, f"lora_{seed}", "lora", seed, 30.0, 1000.0, {"r": 8}, task="bbc_lm", metric="perplexity",
                  predictions=[{"index": i, "loss": v, "tokens": 10} for i, v in enumerate(control[seed])])
         make_run(tmp_path, f"vblora_{seed}", "vblora", seed, 31.0, 50.0, {"r": 4}, task="bbc_lm", metric="perplexity",
                  predictions=[{"index": i, "loss": v, "tokens": 10} for i, v in enumerate(losses[seed])])
     row = report.summarise(report.collect_runs(tmp_path)).set_index("label").loc["vblora"]
-    assert row["examples_test"] == "wilcoxon" and row["examples_paired"] == 5
-    assert (row["examples_better"], row["examples_worse"]) == (1, 4)
-    assert row["p_examples_vs_control"] == pytest.approx(14 / 32)
+    assert row["examples_test"] == "wilcoxon" and row["examples_paired"] == 3
+    assert (row["examples_better"], row["examples_worse"]) == (1, 2)
+    assert row["p_examples_vs_control"] == pytest.approx(0.5)
+
+
+# The same 6 examples wrong for vblora and right for lora in each of 3 seeds are 6 examples, not 18: better 0,
+# worse 6, p = 2 * (1/2)^6 = 0.03125 (18 pooled copies would claim p = 2^-17 = 7.6e-6). An example right for each
+# in a different seed (lead 0) counts neither way.
+def test_per_example_test_counts_each_example_once():
+    import pandas as pd
+
+    rows = [{"seed": seed, "index": i, "loss": 1.0, "loss_control": 1.0, "correct": False, "correct_control": True}
+            for seed in (0, 1, 2) for i in range(6)]
+    rows += [{"seed": seed, "index": 6, "loss": 1.0, "loss_control": 1.0, "correct": seed == 0,
+              "correct_control": seed == 1} for seed in (0, 1, 2)]
+    result = report.examples_vs_control(pd.DataFrame(rows))
+    assert (result["examples_paired"], result["examples_better"], result["examples_worse"]) == (7, 0, 6)
+    assert result["p_examples_vs_control"] == pytest.approx(2 / 64)
 
 
 def test_paired_examples_refuses_different_data(tmp_path):
@@ -317,7 +337,21 @@ def test_paired_examples_refuses_different_data(tmp_path):
           for t in (5, 6)]
     with pytest.raises(VBShareError, match="has tokens 5"):
         report.paired_examples({0: lm[0]}, {0: lm[1]})
+    fewer = make_run(tmp_path, "c", "vblora", 0, 0.9, 10.0, predictions=classification_rows([1, 1, 1]))
+    with pytest.raises(VBShareError, match=r"^different data: seed 0 scored 3 test examples in .*/c but 4 "):
+        report.paired_examples({0: fewer}, {0: a})
     assert report.read_predictions(tmp_path / "missing") is None
+
+
+def test_report_goes_on_without_the_per_example_test_when_data_differs(tmp_path, caplog):
+    make_run(tmp_path, "lora_0", "lora", 0, 0.9, 1000.0, {"r": 8}, predictions=classification_rows([1, 1, 1, 1]))
+    make_run(tmp_path, "vblora_0", "vblora", 0, 0.8, 50.0, {"r": 4},
+             predictions=classification_rows([1, 1, 1, 1], [0, 1, 0, 0]))
+    with caplog.at_level("WARNING", logger="vbshare.report"):
+        row = report.summarise(report.collect_runs(tmp_path)).set_index("label").loc["vblora"]
+    assert row[["examples_test", "examples_paired", "p_examples_vs_control"]].isna().all()
+    assert row["metric_mean"] == pytest.approx(0.8)  # the rest of the row is there
+    assert "vblora: no per-example test against the control: different data" in caplog.text
 
 
 # ======================================================================================= sparsifying stages
@@ -399,3 +433,9 @@ def test_sparsified_runs_are_their_own_configuration(tmp_path):
     assert sorted(table["label"]) == ["sora sparsify=linear 2x10 to 20", "sora sparsify=off"]
     assert report.stage_table(report.collect_runs(tmp_path))["label"].unique().tolist() == [
         "sora sparsify=linear 2x10 to 20"]
+    # a second schedule whose short name is the same (only lr_factor differs): numbered, never two equal labels
+    make_run(tmp_path, "staged_slow", "sora", 0, 0.7, 300.0, {"r": 8}, sparsify={**SCHEDULE, "lr_factor": 0.5},
+             stages=stage_records([16, 12], [0.9, 0.88], [0.0, 10.0]))
+    labels = sorted(report.summarise(report.collect_runs(tmp_path))["label"])
+    assert labels == ["sora sparsify=linear 2x10 to 20 config 2", "sora sparsify=linear 2x10 to 20 config 3",
+                      "sora sparsify=off"]

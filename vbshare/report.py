@@ -6,10 +6,10 @@ predictions.jsonl, written by vbshare.train), so it works on runs made on anothe
 Writes, into `--out` (default <folder>/report):
   report.md / report.csv  one row per method configuration (runs equal in every setting but the seed): metric
                           mean, sample std and 95 % t-interval over seeds, the paired t-test against the control
-                          over shared seeds, the per-example paired test against the control (exact McNemar for
-                          classification, Wilcoxon signed-rank on per-example losses otherwise) over the test
-                          examples of the shared seeds, stored / trainable parameters, adapter bytes, wall time,
-                          peak memory
+                          over shared seeds, the per-example paired test against the control over the test
+                          examples, each averaged over the shared seeds (exact sign test on correctness for
+                          classification, Wilcoxon signed-rank on per-example losses otherwise), stored /
+                          trainable parameters, adapter bytes, wall time, peak memory
   pareto.png              metric against stored parameters (log axis) with 95 % CIs, one line per method across
                           its sizes; configurations storing 0 parameters (head-only) as horizontal lines
   bars.png                the metric per configuration from 0, with 95 % CIs
@@ -27,7 +27,9 @@ bar_plot, curves_plot, stages_plot; write_report(runs, out, control).
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import math
 import re
 import sys
@@ -47,6 +49,8 @@ from .records import flatten, read_jsonl
 from .registry import METHODS
 from .train.modes import FULL_FINETUNE, HEAD_ONLY
 from .train.metrics import higher_is_better
+
+log = logging.getLogger(__name__)
 
 SUMMARY, CONFIG, METRICS = "summary.json", "config.yaml", "metrics.jsonl"
 PREDICTIONS = "predictions.jsonl"  # the test split's per-example rows (vbshare.train.evaluation.prediction_rows)
@@ -89,13 +93,19 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[fl
     return mean, std, mean - half, mean + half
 
 
+def _pair_arrays(values: Sequence[float], control: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The two samples of a paired test as float arrays, refused unless they pair one to one."""
+    x, c = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
+    if len(x) != len(c):
+        raise VBShareError(f"a paired test needs one control value per value, got {len(x)} and {len(c)}")
+    return x, c
+
+
 def paired_p(values: Sequence[float], control: Sequence[float]) -> float:
     """Two-sided paired t-test p-value of values[i] against control[i] (the same seed's runs).
 
     NaN when fewer than two pairs or when the differences do not vary (the t statistic is undefined)."""
-    x, c = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
-    if len(x) != len(c):
-        raise ValueError(f"paired test needs equal lengths, got {len(x)} and {len(c)}")
+    x, c = _pair_arrays(values, control)
     if len(x) < 2 or float(np.std(x - c, ddof=1)) == 0.0:
         return math.nan
     return float(stats.ttest_rel(x, c).pvalue)
@@ -109,7 +119,7 @@ def mcnemar_p(better: int, worse: int) -> float:
     trials, min(1, 2 · P(X ≤ min(better, worse))). 1.0 when there is no discordant example (the two agree)."""
     better, worse = int(better), int(worse)
     if better < 0 or worse < 0:
-        raise ValueError(f"counts must be >= 0, got {better} and {worse}")
+        raise VBShareError(f"McNemar's test needs counts >= 0, got better={better} and worse={worse}")
     if better + worse == 0:
         return 1.0
     return float(stats.binomtest(better, better + worse, 0.5).pvalue)
@@ -118,12 +128,10 @@ def mcnemar_p(better: int, worse: int) -> float:
 def wilcoxon_p(values: Sequence[float], control: Sequence[float]) -> float:
     """Two-sided Wilcoxon signed-rank p-value of values[i] - control[i] (the same example's losses or errors).
 
-    scipy.stats.wilcoxon's defaults: zero differences are dropped, the exact null distribution for up to 50
-    differences without zeros, the normal approximation otherwise. 1.0 when every difference is zero (the two
-    agree on every example), NaN without pairs."""
-    x, c = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
-    if len(x) != len(c):
-        raise ValueError(f"paired test needs equal lengths, got {len(x)} and {len(c)}")
+    scipy.stats.wilcoxon with its defaults (zero differences dropped; scipy chooses the exact null distribution
+    for small samples and the normal approximation for large ones, hundreds of examples always being large).
+    1.0 when every difference is zero (the two agree on every example), NaN without pairs."""
+    x, c = _pair_arrays(values, control)
     if len(x) == 0:
         return math.nan
     if not np.any(x != c):
@@ -273,7 +281,12 @@ def _labels(runs: pd.DataFrame) -> list[str]:
             if not parts:
                 parts.append(f"config {list(configs['config_key']).index(row['config_key']) + 1}")
         labels.append(" ".join([str(row["method"]), *parts]))
-    return labels
+    # configurations the differing keys above do not tell apart (e.g. two sparsifying schedules with the same
+    # short name) get their number as well, so no two rows of a report share a label
+    keys = list(runs["config_key"])
+    order = {key: n for n, key in enumerate(dict.fromkeys(keys), start=1)}
+    shared = {label for label in labels if len({k for k, l in zip(keys, labels) if l == label}) > 1}
+    return [f"{label} config {order[key]}" if label in shared else label for label, key in zip(labels, keys)]
 
 
 def split_groups(runs: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
@@ -299,26 +312,31 @@ def read_predictions(run_dir: str | Path) -> pd.DataFrame | None:
     if "index" not in frame or "loss" not in frame:
         raise VBShareError(f"{path} has no index and loss per row: not a predictions file written by vbshare.train")
     if frame["index"].duplicated().any():
-        raise VBShareError(f"{path} lists example {frame.loc[frame['index'].duplicated(), 'index'].iloc[0]} twice; "
-                           "write it again with python -m vbshare.evaluate")
+        raise VBShareError(f"{path} lists example {frame.loc[frame['index'].duplicated(), 'index'].iloc[0]} twice, "
+                           "so vbshare.train did not write it; remove it to leave this run out of the per-example test")
     keep = [c for c in ("index", "label", "correct", "loss", "tokens") if c in frame]
     return frame[keep].set_index("index").sort_index()
 
 
 def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path]) -> pd.DataFrame:
-    """The test examples of two configurations paired by (seed, example index), pooled over the shared seeds.
+    """The test examples of two configurations paired by (seed, example index), for every seed both ran.
 
     runs / control: {seed: run directory} of each configuration. Seeds where either run has no predictions.jsonl
-    are left out, and so are indices only one of the two scored. Columns: seed, index, loss, loss_control, and
-    correct, correct_control when both are classifiers (one row per pair; empty when nothing pairs). The two
-    runs of a seed must have scored the same examples: a label (a language model's target-token count) that
-    differs at the same index is refused."""
+    are left out. Columns: seed, index, loss, loss_control, and correct, correct_control when both are
+    classifiers (one row per seed and example; empty when nothing pairs). The two runs of a seed must have
+    scored the same examples: other example indices, or a label (for a language model, the target-token count)
+    that differs at the same index, are refused as different data."""
     pairs = []
     for seed in [s for s in runs if s in control]:
         mine, theirs = read_predictions(runs[seed]), read_predictions(control[seed])
         if mine is None or theirs is None:
             continue
-        joined = mine.merge(theirs, how="inner", left_index=True, right_index=True, suffixes=("", "_control"))
+        if not mine.index.equals(theirs.index):
+            raise VBShareError(
+                f"different data: seed {seed} scored {len(mine)} test examples in {runs[seed]} but {len(theirs)} "
+                f"(or other indices) in {control[seed]}; per-example tests need the configurations scored on the "
+                "same test set (same data settings and trainer.max_examples)")
+        joined = mine.join(theirs, suffixes=("", "_control"))  # (examples, columns of both)
         for column in ("label", "tokens"):
             if column in mine and column in theirs:
                 differ = joined[column] != joined[f"{column}_control"]
@@ -340,23 +358,40 @@ def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path])
 
 
 def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
-    """The per-example test of paired_examples' rows: examples_test, examples_paired, examples_better /
-    examples_worse and p_examples_vs_control. Classifiers (correct in both): exact McNemar on the examples one
-    gets right and the other wrong; otherwise Wilcoxon signed-rank on the per-example losses (better: lower).
-    Every value None / NaN when nothing pairs."""
+    """The per-example test of paired_examples' rows, with the test EXAMPLE as the unit: every seed scores the
+    same test set, so each example's values are first averaged over the shared seeds (counting an example once
+    per seed would treat k copies of it as k independent draws and shrink the p-value).
+
+    Classifiers (correct in both): an example is better when this configuration is right on more of the seeds
+    than the control, worse in the reverse case; the exact two-sided sign test on those counts (McNemar's exact
+    test when there is one seed). Otherwise: the per-example mean losses, better when lower, and the Wilcoxon
+    signed-rank test over the examples. The test covers which examples were drawn, not the training seeds' spread
+    (p_vs_control covers that). Returns examples_test, examples_paired (distinct examples), examples_better,
+    examples_worse and p_examples_vs_control; every value None / NaN when nothing pairs."""
     if pairs.empty:
         return {"examples_test": None, "examples_paired": None, "examples_better": None, "examples_worse": None,
                 "p_examples_vs_control": math.nan}
-    if "correct" in pairs:
-        mine, theirs = pairs["correct"].astype(bool), pairs["correct_control"].astype(bool)
-        better, worse = int((mine & ~theirs).sum()), int((theirs & ~mine).sum())
+    per_example = pairs.drop(columns="seed").groupby("index").mean()  # (examples, columns): means over the seeds
+    if "correct" in per_example:
+        lead = (per_example["correct"] - per_example["correct_control"]).to_numpy(float)  # (examples,) in [-1, 1]
+        better, worse = int((lead > 0).sum()), int((lead < 0).sum())
         test, p = MCNEMAR, mcnemar_p(better, worse)
     else:
-        loss, control = pairs["loss"].to_numpy(float), pairs["loss_control"].to_numpy(float)  # (pairs,)
+        loss, control = per_example["loss"].to_numpy(float), per_example["loss_control"].to_numpy(float)  # (examples,)
         better, worse = int((loss < control).sum()), int((loss > control).sum())
         test, p = WILCOXON, wilcoxon_p(loss, control)
-    return {"examples_test": test, "examples_paired": len(pairs), "examples_better": better, "examples_worse": worse,
-            "p_examples_vs_control": p}
+    return {"examples_test": test, "examples_paired": len(per_example), "examples_better": better,
+            "examples_worse": worse, "p_examples_vs_control": p}
+
+
+def _examples_or_warn(runs: dict[Any, str | Path], control: dict[Any, str | Path], label: str) -> dict[str, Any]:
+    """examples_vs_control for one configuration; data that does not pair with the control's leaves its columns
+    empty with a warning instead of stopping the whole report."""
+    try:
+        return examples_vs_control(paired_examples(runs, control))
+    except VBShareError as err:
+        log.warning("%s: no per-example test against the control: %s", label, err)
+        return examples_vs_control(pd.DataFrame())
 
 
 # ================================================================================================ summarising
@@ -386,8 +421,9 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
     the paired t-test's two-sided p (NaN for the control itself, fewer than 2 shared seeds, or constant
     differences). examples_test / examples_paired / examples_better / examples_worse / p_examples_vs_control:
     the per-example test against the same control configuration (examples_vs_control over paired_examples: the
-    test examples of the shared seeds, from runs scored on test that kept predictions.jsonl; empty otherwise and
-    for the control itself). stored_params, adapter_bytes, wall_time_s, peak_memory_mb: means over seeds;
+    test examples, each averaged over the shared seeds, from runs scored on test that kept predictions.jsonl;
+    empty otherwise, for the control itself, and, with a warning, for data that does not pair with the
+    control's). stored_params, adapter_bytes, wall_time_s, peak_memory_mb: means over seeds;
     pct_of_control: stored parameters as % of the control's. Ordered by method (baselines, then the registry),
     then stored parameters.
     """
@@ -439,7 +475,7 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
             "n_pairs": len(shared),
             "diff_vs_control": float((values - controls).mean()) if shared else math.nan,
             "p_vs_control": paired_p(values, controls) if shared else math.nan,
-            **examples_vs_control(paired_examples(test_runs[i], test_runs[ref] if shared else {})),
+            **_examples_or_warn(test_runs[i], test_runs[ref] if shared else {}, table.at[i, "label"]),
         })
     table = pd.concat([table, pd.DataFrame(against, index=table.index)], axis=1)
     for column in ("examples_paired", "examples_better", "examples_worse"):
@@ -515,6 +551,14 @@ def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     return fig, fig.subplots()
 
 
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Render the figure as PNG and write it atomically (a reader never sees half a plot)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write(path, buffer.getvalue())
+    return Path(path)
+
+
 def _ci_errors(table: pd.DataFrame) -> np.ndarray:
     """(2, N) distances from the mean to the CI ends; 0 where the interval is undefined (one seed)."""
     below = (table["metric_mean"] - table["ci95_low"]).fillna(0.0).to_numpy(float)
@@ -552,8 +596,6 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
 
     A configuration storing 0 parameters (head-only) has no place on a log axis: it is a horizontal line at its
     mean with its CI as a band, labelled "0 stored". The Pareto front of the other configurations is dashed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     colours = _colours(table)
     positive = table[table["stored_params"] > 0]
     fig, ax = _figure((8.5, 5.5))
@@ -585,14 +627,11 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     _place_labels(fig, texts)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
     """One bar per configuration from 0: metric mean with its 95 % CI (none drawn for a single seed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = _figure((max(6.0, 0.7 * len(table) + 2), 4.5))
     colours = _colours(table)
     ax.bar(range(len(table)), table["metric_mean"], yerr=_ci_errors(table), capsize=3,
@@ -602,8 +641,7 @@ def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylabel(_metric_axis_label(table))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def validation_curve(run_dirs: Iterable[str | Path], metric: str) -> pd.Series:
@@ -637,16 +675,13 @@ def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
         drawn += 1
     if not drawn:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ax.set_xlabel("optimiser step")
     direction = "higher" if higher_is_better(metric) else "lower"
     ax.set_ylabel(f"validation {metric} ({direction} is better; mean over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def stages_plot(stages: pd.DataFrame, path: str | Path) -> Path:
@@ -667,9 +702,9 @@ def stages_plot(stages: pd.DataFrame, path: str | Path) -> Path:
         drawn = seeds_drawn.setdefault(label, 0)
         seeds_drawn[label] += 1
         ax.plot(run["retained_rank"], run["generalisation"], styles[drawn % len(styles)], marker="o", ms=4,
-                color=colours[label], label=f"{label} seed {seed}")
+                color=colours[label], label=f"{label} seed {_format(seed)}" if pd.notna(seed) else f"{label} (no seed)")
         if drawn == 0:  # the knob's values once per configuration: the seeds share the schedule
-            for _, row in run.iterrows():
+            for _, row in run[run["lam"].notna()].iterrows():
                 texts.append(ax.annotate(f"{symbols.get(row['knob'], row['knob'])}={_format(float(row['lam']))}",
                                          (row["retained_rank"], row["generalisation"]), textcoords="offset points",
                                          xytext=(4, 4), fontsize=7, color=colours[label],
@@ -687,10 +722,7 @@ def stages_plot(stages: pd.DataFrame, path: str | Path) -> Path:
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     _place_labels(fig, texts)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 # ==================================================================================================== tables
@@ -710,10 +742,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     control = next((c for c in table["control"] if isinstance(c, str)), None)
     direction = "higher" if higher_is_better(str(metric)) else "lower"
     tests = set(table["examples_test"].dropna())
-    examples = {MCNEMAR: "exact McNemar test on the examples one configuration gets right and the other wrong",
-                WILCOXON: "Wilcoxon signed-rank test on the per-example losses"}
-    per_example = (f" Per-example: the test examples of the shared seeds, paired by seed and index; better / worse: "
-                   f"examples where the configuration beats the control / the reverse; p: "
+    examples = {MCNEMAR: "exact McNemar (sign) test on correctness, not on the metric itself",
+                WILCOXON: "Wilcoxon signed-rank test on the per-example losses, not on the metric itself"}
+    per_example = (f" Per-example: each test example's result averaged over the shared seeds (pairs: distinct "
+                   f"examples); better / worse: examples where the configuration beats the control / the reverse; p: "
                    f"{' or '.join(examples[t] for t in sorted(tests))}." if tests else "")
     lines = [f"{table['task'].iloc[0]}, {metric} ({direction} is better); 95 % CI: t-interval over seeds; "
              f"p: paired t-test over shared seeds against {control or 'no control (none among these runs)'}."
@@ -761,6 +793,9 @@ def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CON
         if len(stages):
             atomic_write(folder / "stages.csv", stages.to_csv(index=False).encode())
             written += [folder / "stages.csv", stages_plot(stages, folder / "sparsity_stages.png")]
+        else:  # an earlier report into this folder may have had stages: do not leave them beside this one
+            for stale in ("stages.csv", "sparsity_stages.png"):
+                (folder / stale).unlink(missing_ok=True)
     return written
 
 
