@@ -54,10 +54,10 @@ T975_DF2, T975_DF1 = 4.302653, 12.706205
 #   std = sqrt(SS/2) = 0.0152753, half-width = 4.302653 * 0.0152753 / sqrt(3) = 0.0379460
 # vblora, seeds 0,1,2: 0.90 0.92 0.94 -> mean 0.92, std 0.02, half-width = 4.302653 * 0.02 / sqrt(3) = 0.0496828
 #   paired differences vs lora (0.02, 0.01, 0.04): mean 7/300, sd sqrt(7/3)/100, t = sqrt(7) = 2.6457513,
-#   p = 1 - sqrt(7)/3 = 0.1180829
+#   p = 1 - sqrt(7)/3 = 0.1180829; difference CI: 7/300 ± 4.302653 * 0.0152753 / sqrt(3) = 0.0233333 ± 0.0379460
 # sora, seeds 0,1: 0.85 0.87 -> mean 0.86, std 0.0141421, half-width = 12.706205 * 0.0141421 / sqrt(2) = 0.1270621
 #   paired differences vs lora seeds 0,1 (-0.03, -0.04): mean -0.035, sd 0.0070711, t = -7,
-#   p = 1 - (2/pi) atan(7) = 0.0903344
+#   p = 1 - (2/pi) atan(7) = 0.0903344; difference CI: -0.035 ± 12.706205 * 0.0070711 / sqrt(2) = -0.035 ± 0.0635310
 LORA = [0.88, 0.91, 0.90]
 VBLORA = [0.90, 0.92, 0.94]
 SORA = [0.85, 0.87]
@@ -109,6 +109,11 @@ def test_summarise_columns_by_hand(runs_root):
     assert vblora["ci95_low"] == pytest.approx(0.92 - 0.0496828, abs=1e-6)
     assert vblora["n_pairs"] == 3 and vblora["diff_vs_control"] == pytest.approx(7 / 300)
     assert vblora["p_vs_control"] == pytest.approx(0.1180829, abs=1e-6)
+    assert vblora["diff_ci95_low"] == pytest.approx(7 / 300 - 0.0379460, abs=1e-6)
+    assert vblora["diff_ci95_high"] == pytest.approx(7 / 300 + 0.0379460, abs=1e-6)
+    assert sora["diff_ci95_low"] == pytest.approx(-0.035 - 0.0635310, abs=1e-6)
+    assert sora["diff_ci95_high"] == pytest.approx(-0.035 + 0.0635310, abs=1e-6)
+    assert math.isnan(lora["diff_ci95_low"])  # the control itself
     assert vblora["pct_of_control"] == pytest.approx(5.0) and vblora["control"] == "lora"
     assert sora["n_pairs"] == 2 and sora["p_vs_control"] == pytest.approx(0.0903344, abs=1e-6)
     assert sora["retained_rank"] == 5.0
@@ -186,11 +191,11 @@ def test_main_writes_table_and_plots(runs_root, tmp_path, capsys):
     assert report.main([str(runs_root), "--out", str(out)]) == 0
     csv_lines = (out / "report.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 6
-    for column in ("ci95_low", "ci95_high", "p_vs_control", "stored_params", "adapter_bytes", "trainable_params",
+    for column in ("ci95_low", "ci95_high", "diff_ci95_low", "diff_ci95_high", "p_vs_control", "stored_params", "adapter_bytes", "trainable_params",
                    "wall_time_s", "peak_memory_mb"):
         assert column in csv_lines[0].split(",")
     md = (out / "report.md").read_text()
-    assert "| vblora num_vectors=64 | 3 | 0.9200 ± 0.0200 | [0.8703, 0.9697] | +0.0233 | 0.118 |  |  | 50 | 5.0 % |" in md
+    assert "| vblora num_vectors=64 | 3 | 0.9200 ± 0.0200 | [0.8703, 0.9697] | +0.0233 [-0.0146, +0.0613] | 0.118 |  |  | 50 | 5.0 % |" in md
     for name in ("pareto.png", "bars.png", "curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "stages.csv").exists() and not (out / "sparsity_stages.png").exists()  # no run has stages

@@ -69,7 +69,7 @@ COMPARE_ONLY_KEYS = ("search", "size_key")
 BASELINE_ORDER = (HEAD_ONLY, FULL_FINETUNE)  # listed before the registered methods, which follow METHODS' order
 SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "higher_is_better", "size_key", "size", "n_seeds",
                    "seeds", "metric_mean", "metric_std", "ci95_low", "ci95_high", "control", "n_pairs",
-                   "diff_vs_control", "p_vs_control", "examples_test", "examples_paired", "examples_better",
+                   "diff_vs_control", "diff_ci95_low", "diff_ci95_high", "p_vs_control", "examples_test", "examples_paired", "examples_better",
                    "examples_worse", "p_examples_vs_control", "stored_params", "pct_of_control", "trainable_params",
                    "head_params", "adapter_bytes", "wall_time_s", "peak_memory_mb", "retained_rank", "merges",
                    "config_key"]
@@ -417,7 +417,8 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
 
     metric_mean / metric_std / ci95_low / ci95_high: mean_ci over the seeds' final scores (the interval is NaN
     for one seed). control / n_pairs / diff_vs_control / p_vs_control: the control method's configuration for
-    the same model (most seeds, ties: best mean) and, over the seeds both ran, the mean paired difference and
+    the same model (most seeds, ties: best mean) and, over the seeds both ran, the mean paired difference
+    (this minus the control), its 95 % t-interval (diff_ci95_low / diff_ci95_high; NaN below 2 pairs) and
     the paired t-test's two-sided p (NaN for the control itself, fewer than 2 shared seeds, or constant
     differences). examples_test / examples_paired / examples_better / examples_worse / p_examples_vs_control:
     the per-example test against the same control configuration (examples_vs_control over paired_examples: the
@@ -474,6 +475,9 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
             if ref is not None and table.at[ref, "stored_params"] else math.nan,
             "n_pairs": len(shared),
             "diff_vs_control": float((values - controls).mean()) if shared else math.nan,
+            # the 95 % t-interval of the paired difference: what "within x of the control" claims are judged by
+            **dict(zip(("diff_ci95_low", "diff_ci95_high"),
+                       mean_ci(values - controls)[2:] if shared else (math.nan, math.nan))),
             "p_vs_control": paired_p(values, controls) if shared else math.nan,
             **_examples_or_warn(test_runs[i], test_runs[ref] if shared else {}, table.at[i, "label"]),
         })
@@ -751,13 +755,15 @@ def markdown_table(table: pd.DataFrame) -> str:
              f"p: paired t-test over shared seeds against {control or 'no control (none among these runs)'}."
              + per_example,
              "",
-             f"| configuration | seeds | {metric} mean ± std | 95 % CI | Δ vs control | p vs control | "
+             f"| configuration | seeds | {metric} mean ± std | 95 % CI | Δ vs control [95 % CI] | p vs control | "
              "examples better / worse (pairs) | p examples | stored params | % of control | trainable params | "
              "adapter bytes | wall time (s) | peak memory (MiB) | Pareto |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for i, row in table.iterrows():
         ci = "" if math.isnan(row["ci95_low"]) else f"[{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]"
         diff = "" if math.isnan(row["diff_vs_control"]) else f"{row['diff_vs_control']:+.4f}"
+        if not math.isnan(row["diff_ci95_low"]):
+            diff += f" [{row['diff_ci95_low']:+.4f}, {row['diff_ci95_high']:+.4f}]"
         pct = "" if math.isnan(row["pct_of_control"]) else f"{row['pct_of_control']:.1f} %"
         wall = "" if math.isnan(row["wall_time_s"]) else f"{row['wall_time_s']:.0f}"
         memory = "" if math.isnan(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:,.0f}"
