@@ -69,10 +69,10 @@ COMPARE_ONLY_KEYS = ("search", "size_key")
 BASELINE_ORDER = (HEAD_ONLY, FULL_FINETUNE)  # listed before the registered methods, which follow METHODS' order
 SUMMARY_COLUMNS = ["method", "label", "model", "task", "metric", "higher_is_better", "size_key", "size", "n_seeds",
                    "seeds", "metric_mean", "metric_std", "ci95_low", "ci95_high", "control", "n_pairs",
-                   "diff_vs_control", "diff_ci95_low", "diff_ci95_high", "p_vs_control", "examples_test", "examples_paired", "examples_better",
-                   "examples_worse", "p_examples_vs_control", "stored_params", "pct_of_control", "trainable_params",
-                   "head_params", "adapter_bytes", "wall_time_s", "peak_memory_mb", "retained_rank", "merges",
-                   "config_key"]
+                   "diff_vs_control", "diff_ci95_low", "diff_ci95_high", "p_vs_control", "examples_test",
+                   "examples_paired", "examples_better", "examples_worse", "p_examples_vs_control", "stored_params",
+                   "pct_of_control", "trainable_params", "head_params", "adapter_bytes", "wall_time_s",
+                   "peak_memory_mb", "retained_rank", "merges", "config_key"]
 EXAMPLE_COLUMNS = ["examples_test", "examples_paired", "examples_better", "examples_worse", "p_examples_vs_control"]
 MCNEMAR, WILCOXON = "mcnemar", "wilcoxon"
 STAGE_COLUMNS = ["label", "method", "seed", "stage", "knob", "lam", "retained_rank", "r_max", "nonzero_params",
