@@ -60,6 +60,7 @@ def test_sigint_in_process_checkpoints_and_resumes(tmp_path, monkeypatch):
     """A real SIGINT delivered while step 3 is logged: the run stops after step 3 with exit code 130 and a
     checkpoint of step 3; resuming gives the uninterrupted run's losses and adapter."""
     overrides = [*COMMON, "trainer.max_steps=8"]
+    before = signal.getsignal(signal.SIGINT)  # default, or SIG_IGN under a background shell
     reference = run_training(compose_config(overrides), tmp_path / "reference")
     logged = train_loop.write_metrics
 
@@ -74,7 +75,7 @@ def test_sigint_in_process_checkpoints_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "write_metrics", logged)
     assert stopped.value.step == 3 and stopped.value.exit_code == 130
     assert read_trainer_state(tmp_path / "cut")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
+    assert signal.getsignal(signal.SIGINT) == before  # the run's own handler removed, the earlier one restored
 
     resumed = run_training(compose_config([*overrides, f"trainer.resume={tmp_path / 'cut'}"]), tmp_path / "unused")
     assert not (tmp_path / "unused").exists()

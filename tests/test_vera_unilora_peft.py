@@ -134,7 +134,10 @@ def test_peft_vera_projections_loaded_not_redrawn(tmp_path):
         theirs.base_model.vera_B["default"].uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
     theirs.save_pretrained(tmp_path)
     ours = vbshare.import_peft(fresh("linear"), tmp_path)
-    torch.testing.assert_close(out(ours), out(theirs), atol=ATOL, rtol=0)
+    # uniform(-1, 1) projections are far larger than the seeded ones, and so is the float32 rounding of the two
+    # libraries' different operation orders (measured up to 1.3e-5 on outputs of size ~1.4): a relative term of
+    # 1e-5 covers that, while projections redrawn from the seed would change the outputs by orders of magnitude more
+    torch.testing.assert_close(out(ours), out(theirs), atol=ATOL, rtol=1e-5)
 
 
 def test_peft_vera_with_bias_is_refused(tmp_path):
