@@ -27,6 +27,7 @@ bar_plot, curves_plot, stages_plot; write_report(runs, out, control).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -318,17 +319,19 @@ def read_predictions(run_dir: str | Path) -> pd.DataFrame | None:
     return frame[keep].set_index("index").sort_index()
 
 
-def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path]) -> pd.DataFrame:
+def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path],
+                    read: Callable[[str | Path], pd.DataFrame | None] = read_predictions) -> pd.DataFrame:
     """The test examples of two configurations paired by (seed, example index), for every seed both ran.
 
     runs / control: {seed: run directory} of each configuration. Seeds where either run has no predictions.jsonl
     are left out. Columns: seed, index, loss, loss_control, and correct, correct_control when both are
     classifiers (one row per seed and example; empty when nothing pairs). The two runs of a seed must have
     scored the same examples: other example indices, or a label (for a language model, the target-token count)
-    that differs at the same index, are refused as different data."""
+    that differs at the same index, are refused as different data. `read` reads one run's predictions
+    (summarise passes a cached read_predictions, so the control's files are parsed once, not once per row)."""
     pairs = []
     for seed in [s for s in runs if s in control]:
-        mine, theirs = read_predictions(runs[seed]), read_predictions(control[seed])
+        mine, theirs = read(runs[seed]), read(control[seed])
         if mine is None or theirs is None:
             continue
         if not mine.index.equals(theirs.index):
@@ -384,11 +387,12 @@ def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
             "examples_worse": worse, "p_examples_vs_control": p}
 
 
-def _examples_or_warn(runs: dict[Any, str | Path], control: dict[Any, str | Path], label: str) -> dict[str, Any]:
+def _examples_or_warn(runs: dict[Any, str | Path], control: dict[Any, str | Path], label: str,
+                      read: Callable[[str | Path], pd.DataFrame | None]) -> dict[str, Any]:
     """examples_vs_control for one configuration; data that does not pair with the control's leaves its columns
     empty with a warning instead of stopping the whole report."""
     try:
-        return examples_vs_control(paired_examples(runs, control))
+        return examples_vs_control(paired_examples(runs, control, read))
     except VBShareError as err:
         log.warning("%s: no per-example test against the control: %s", label, err)
         return examples_vs_control(pd.DataFrame())
@@ -464,6 +468,7 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
     table = pd.DataFrame(rows)
     reference = _control_reference(table, control)
     against = []
+    read = functools.cache(read_predictions)  # each run's predictions.jsonl parsed once (the control's serve every row)
     for i in table.index:
         ref = reference.get(table.at[i, "model"])
         shared = [] if ref is None or ref == i else sorted(set(seed_scores[i].index) & set(seed_scores[ref].index))
@@ -479,7 +484,7 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
             **dict(zip(("diff_ci95_low", "diff_ci95_high"),
                        mean_ci(values - controls)[2:] if shared else (math.nan, math.nan))),
             "p_vs_control": paired_p(values, controls) if shared else math.nan,
-            **_examples_or_warn(test_runs[i], test_runs[ref] if shared else {}, table.at[i, "label"]),
+            **_examples_or_warn(test_runs[i], test_runs[ref] if shared else {}, table.at[i, "label"], read),
         })
     table = pd.concat([table, pd.DataFrame(against, index=table.index)], axis=1)
     for column in ("examples_paired", "examples_better", "examples_worse"):
