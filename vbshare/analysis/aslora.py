@@ -16,7 +16,7 @@ import torch
 
 from ..errors import VBShareError
 from ..targets import layer_index, role_key  # role_key: the state's key of a group's A
-from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, read_adapter, read_jsonl
+from .common import STATE_PREFIX, AdapterFolder, PathLike, adapter_dir, method_folder, read_adapter, read_jsonl
 
 HISTORY_FILE = "merge_history.jsonl"
 HISTORY_COLUMNS = ["merge", "step", "group", "lower", "upper", "distance"]
@@ -41,10 +41,7 @@ def merge_history(source: PathLike) -> pd.DataFrame:
         return history_table(read_jsonl(path))
     if (path / HISTORY_FILE).is_file():
         return history_table(read_jsonl(path / HISTORY_FILE))
-    folder = read_adapter(adapter_dir(path))
-    if folder.method != "aslora":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not aslora")
-    return history_table(folder.state.get("history", []))
+    return history_table(method_folder(path, "aslora").state.get("history", []))
 
 
 def group_layers(source: PathLike | AdapterFolder) -> dict[str, list[int]]:

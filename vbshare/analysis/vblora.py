@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import VBShareError
 from ..targets import layer_index
-from .common import AdapterFolder, PathLike, adapter_dir, module_kind, read_adapter, short_name
+from .common import AdapterFolder, PathLike, adapter_dir, method_folder, module_kind, read_adapter, short_name
 
 FACTORS = ("A", "B")
 SELECTION_COLUMNS = ["module", "short", "layer", "kind", "factor", "rank", "position", "slot", "vector", "weight"]
@@ -78,9 +78,7 @@ def selections_from_tensors(tensors: Mapping[str, Tensor], topk: int | None = No
 
 def selections(source: PathLike | AdapterFolder) -> pd.DataFrame:
     """The selection table of a VB-LoRA adapter folder (training or top-k form) or run directory."""
-    folder = source if isinstance(source, AdapterFolder) else read_adapter(adapter_dir(source))
-    if folder.method != "vblora":
-        raise VBShareError(f"{folder.path} holds a {folder.method} adapter, not vblora")
+    folder = method_folder(source, "vblora")
     return selections_from_tensors(folder.tensors, folder.config["topk"], modules=list(folder.targets))
 
 

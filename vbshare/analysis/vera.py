@@ -134,18 +134,12 @@ def plot_vector_heatmap(values: pd.DataFrame, center: float = 0.0, title: str | 
 def plot_delta_norms(table: pd.DataFrame, stat: str = "delta_norm", title: str | None = None):
     """‖ΔW‖_F (or its rms, `stat="delta_rms"`) per layer, one line per module kind, y from 0."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     if stat not in ("delta_norm", "delta_rms"):
         raise VBShareError(f"stat must be delta_norm or delta_rms, got {stat!r}")
     fig = Figure(figsize=(6.5, 3.4), layout="constrained")
     ax = fig.subplots()
-    for i, (kind, rows) in enumerate(table.groupby("kind", sort=False)):
-        rows = rows.sort_values("layer")
-        ax.plot(rows["layer"], rows[stat], marker="o", color=f"C{i}", label=kind)
-    ax.set_ylim(0, max(float(table[stat].max()), 1e-12) * 1.1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
+    plot_stat_by_layer(ax, table, stat)
     ax.set_ylabel("‖ΔW‖_F" if stat == "delta_norm" else "‖ΔW‖_F / √(out·in)")
     ax.legend(fontsize=7)
     ax.set_title(title or "VeRA: size of each layer's update")
