@@ -560,6 +560,11 @@ def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     return fig, fig.subplots()
 
 
+def _direction(metric: str) -> str:
+    """Which way `metric` is better, "higher" or "lower", for axis labels and captions."""
+    return "higher" if higher_is_better(metric) else "lower"
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     """Render the figure as PNG and write it atomically (a reader never sees half a plot)."""
     buffer = io.BytesIO()
@@ -577,7 +582,7 @@ def _ci_errors(table: pd.DataFrame) -> np.ndarray:
 
 def _metric_axis_label(table: pd.DataFrame) -> str:
     metric = str(table["metric"].iloc[0])
-    direction = "higher" if higher_is_better(metric) else "lower"
+    direction = _direction(metric)
     return f"{metric} ({direction} is better; mean, 95 % CI)"
 
 
@@ -685,7 +690,7 @@ def curves_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
     if not drawn:
         return None
     ax.set_xlabel("optimiser step")
-    direction = "higher" if higher_is_better(metric) else "lower"
+    direction = _direction(metric)
     ax.set_ylabel(f"validation {metric} ({direction} is better; mean over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -724,7 +729,7 @@ def stages_plot(stages: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlim(0.0, 1.1 * float(ranks.max()) if ranks.max() > 0 else 1.0)  # room for the labels on the right
     ax.set_ylim(bottom, high + 0.1 * (high - bottom) if high > bottom else bottom + 1.0)
     ax.set_xlabel("retained rank after the stage (rank-one components kept, summed over adapted modules)")
-    direction = "higher" if higher_is_better(metric) else "lower"
+    direction = _direction(metric)
     ax.set_ylabel(f"held-out {metric} after the stage ({direction} is better)")
     ax.set_title("Sparsifying stages: the knob rises stage by stage, the rank falls", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -749,7 +754,7 @@ def _p_text(p: float) -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     metric, front = table["metric"].iloc[0], pareto_front(table)
     control = next((c for c in table["control"] if isinstance(c, str)), None)
-    direction = "higher" if higher_is_better(str(metric)) else "lower"
+    direction = _direction(str(metric))
     tests = set(table["examples_test"].dropna())
     examples = {MCNEMAR: "exact McNemar (sign) test on correctness, not on the metric itself",
                 WILCOXON: "Wilcoxon signed-rank test on the per-example losses, not on the metric itself"}
