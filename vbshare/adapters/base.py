@@ -216,6 +216,14 @@ class LowRankAdapter(nn.Module):
         """Parameters this module adds to a checkpoint (shared tensors are counted by the state)."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base_layer."))
 
+    def base_weight(self) -> Tensor:
+        """The frozen base weight as a plain (out, in) tensor, whatever the layer stores: a transformers Conv1D's
+        (in, out) weight transposed. For methods whose init reads the base (an SVD of W, say). It is a view of
+        the stored weight where one exists: do not write into it (merge does that, through `_add_to_base`).
+        A weight on the meta device stays on it (planning without weights)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight  # (out, in)
+
     @property
     def rank(self) -> int:
         with torch.no_grad():
