@@ -23,6 +23,11 @@ The folder (`compare.out`):
   report/                        report.md, report.csv and the plots (vbshare.report)
 A point is named after its method, plus its size when sizes are given (`lora-r8`).
 
+One writer: the comparison holds compare.out (vbshare/locks.py: .writer.lock, .writer.json naming the holder) from
+before Hydra writes there to the end, so a second comparison into the same folder is refused in one line. A run
+directory without summary.json is an attempt that did not finish: it is emptied (all but request.json) and
+trained again from the start, so its metrics.jsonl and checkpoint are the new attempt's alone.
+
 Continuing: a run directory holding summary.json is finished and reused. The trials are re-derived from the
 finished runs: a seeded TPE sampler asked again with the same told scores proposes the same parameters, so an
 interrupted comparison continues where it stopped and ends as an uninterrupted one would. Each run records
@@ -31,12 +36,14 @@ space) stops the comparison with a message rather than mixing settings.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -52,10 +59,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import report
+from . import locks, report
 from .checkpoint import atomic_write
 from .errors import VBShareError
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
+from .train.folders import named_value, runs_one_job
 from .train.modes import to_python
 from .train.metrics import higher_is_better
 
@@ -67,6 +75,7 @@ ROOT_KEY = "/"  # a search key starting with it is from the config root (e.g. /o
 SEARCH_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 FAILURE_TAIL_LINES = 20  # lines of a failed run's output kept in its failure.txt
 CHILD_ENV: dict[str, str] = dict(os.environ)  # the environment runs start in (before main() sets debug flags)
+BUSY_HINT = "use another compare.out"
 
 
 # ======================================================================================================= plan
@@ -190,6 +199,7 @@ class Runner:
             with self._count_lock:
                 self.reused += 1
             return json.loads((run_dir / SUMMARY).read_text())
+        start_afresh(run_dir)
         atomic_write(run_dir / REQUEST, json.dumps({"overrides": overrides}, indent=2).encode())
         with self._count_lock:
             self.started += 1
@@ -221,6 +231,24 @@ class Runner:
             run_training(compose("train", overrides=overrides), run_dir)
         finally:
             train_log.setLevel(level)
+
+
+def start_afresh(run_dir: Path) -> None:
+    """Empty the folder of a run that did not finish (all but request.json), so that it trains from the start
+    and writes only its own records. The folder is held meanwhile: a training still running there (left behind
+    by a killed comparison) stops the comparison in one line instead of being overwritten."""
+    if not run_dir.is_dir():
+        return
+    hint = "end that training, then run the comparison again"
+    with locks.hold(run_dir, hint):
+        left = sorted(p for p in run_dir.iterdir() if p.name not in (REQUEST, *locks.LOCK_FILES))
+        for path in left:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if left:
+        log.info("%s did not finish: trained again from an empty folder", run_dir)
 
 
 def check_request(run_dir: Path, overrides: list[str]) -> None:
@@ -365,7 +393,13 @@ def check_workers(cfg: DictConfig) -> int:
 
 # ====================================================================================================== entry
 def compare(cfg: DictConfig) -> Path:
-    """The whole protocol for a composed compare config; returns the report folder."""
+    """The whole protocol for a composed compare config, holding compare.out throughout; returns the report folder."""
+    with locks.hold(cfg.compare.out, BUSY_HINT):
+        return run_protocol(cfg)
+
+
+def run_protocol(cfg: DictConfig) -> Path:
+    """plan -> stage 1 -> stage 2 -> stage 3 into compare.out (held by `compare`)."""
     if cfg.get("adapter") is not None:
         raise VBShareError("vbshare.compare takes its methods from compare.methods; drop +adapter=...")
     out = Path(cfg.compare.out).resolve()
@@ -417,7 +451,10 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="compare")(_hydra_main)
     try:
-        app()
+        out = named_value(sys.argv[1:], "compare.out") if runs_one_job(sys.argv[1:]) else None
+        # held before Hydra writes .hydra/ and compare.log there (a default ${now} folder: by compare())
+        with locks.hold(out, BUSY_HINT) if out is not None else contextlib.nullcontext():
+            app()
     except USER_ERRORS as err:
         if debug:
             raise

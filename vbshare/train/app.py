@@ -10,7 +10,7 @@ The parts, each in its own module: setup.py (engine, task, model, optimiser), mo
 fine-tuning / head-only), engine.py (Accelerate: processes, precision, DDP/FSDP), loop.py (the steps),
 step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py (scores, predictions),
 checkpoints.py (resume, snapshots), interrupt.py (SIGINT / SIGTERM), outputs.py (metrics.jsonl, summary.json),
-sparsify.py (trainer.sparsify: stages after the dense training).
+sparsify.py (trainer.sparsify: stages after the dense training), folders.py (one writer and one run per folder).
 
 A resumption (`trainer.resume=<run dir>`) continues the run in its own folder: Hydra's output folder is set to
 it, so train.log, metrics.jsonl and summary.json stay one record per run. Ctrl-C or SIGTERM saves a checkpoint
@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
 from ..errors import VBShareError
-from . import checkpoints, interrupt
+from . import checkpoints, folders, interrupt
 from .loop import train
 from .outputs import save_outputs
 from .setup import setup
@@ -62,9 +62,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
 
     Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir)`.
     SIGINT / SIGTERM during the run: a checkpoint of the current step, then `TrainingInterrupted`.
+    The run's folder is held while it runs (one writer per folder) and a fresh run refuses one holding another run.
     """
     started = time.perf_counter()
-    with interrupt.catch_stop_signals(), warnings.catch_warnings():
+    with folders.claim(cfg, run_dir), interrupt.catch_stop_signals(), warnings.catch_warnings():
         for message in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         return _train(cfg, Path(run_dir), started)
@@ -200,7 +201,8 @@ def main() -> None:
     quiet_plugin_chatter()
     try:
         sys.argv[1:] = resume_arguments(sys.argv[1:])
-        app()
+        with folders.claim_named(sys.argv[1:]):  # before Hydra writes .hydra/ and train.log into the folder
+            app()
     except USER_ERRORS as err:  # composition errors: unknown group option, typo'd key, missing value
         if debug:
             raise
