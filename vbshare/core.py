@@ -202,16 +202,72 @@ def stored_tensors(model: nn.Module, topk_only: bool = False, stored_form: bool 
     return state_of(model).pack(adapter_state_dict(model), topk_only=topk_only)
 
 
-def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Load adapter tensors (model state_dict keys) after checking they are exactly the adapter's."""
-    expected = set(adapter_state_dict(model))
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Refuse, in one line, adapter tensors (model state_dict keys) that are not exactly the model's adapter
+    tensors: a key missing or unexpected, a shape that differs, or an integer tensor (indices) given as floats
+    or the other way round."""
+    expected = adapter_state_dict(model)
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         raise VBShareError(
             f"{source} does not fit this model's adapters (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); check it was saved from the same method and targets"
         )
+    for key, ours in expected.items():
+        theirs = tensors[key]
+        if tuple(theirs.shape) != tuple(ours.shape):
+            raise VBShareError(
+                f"{source}: tensor {key} has shape {tuple(theirs.shape)} but this model's adapter needs "
+                f"{tuple(ours.shape)}; it was saved with other hyperparameters or targets, load it with the "
+                "settings and base model it was trained with"
+            )
+        if theirs.is_floating_point() != ours.is_floating_point():
+            raise VBShareError(
+                f"{source}: tensor {key} is {theirs.dtype} but this model's adapter keeps it as {ours.dtype}; "
+                "the file was not written for this adapter, save it again"
+            )
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Load adapter tensors (model state_dict keys) after `check_adapter_tensors` found them exactly the adapter's."""
+    check_adapter_tensors(model, tensors, source)
     model.load_state_dict(tensors, strict=False)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo `inject` (in place): every adapter gives its base layer back (merged ΔW taken out first), the
+    state and the forward hooks go. The base's parameters stay frozen as inject left them (`injected_or_undone`
+    restores what trained before)."""
+    for name, adapter in adapters(model).items():
+        adapter.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, adapter.base_layer)
+    if STATE_ATTR in model._modules:
+        del model._modules[STATE_ATTR]
+    # the two hooks inject registered, found by identity (torch keeps no handle lookup by function)
+    for hooks, ours in ((model._forward_pre_hooks, _begin_forward), (model._forward_hooks, _end_forward)):
+        for key in [k for k, hook in hooks.items() if hook is ours]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    return model
+
+
+@contextlib.contextmanager
+def injected_or_undone(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block a plain model may be injected and loaded; when the block raises, the injection is
+    undone, so a refused load leaves the base model as it found it. A model with adapters already is left to
+    the block (nothing to undo)."""
+    fresh = state_of(model, required=False) is None
+    trainable = [p.requires_grad for p in model.parameters()] if fresh else []
+    try:
+        yield model
+    except BaseException:
+        if fresh and state_of(model, required=False) is not None:
+            remove_adapters(model)
+            for param, flag in zip(model.parameters(), trainable):
+                param.requires_grad_(flag)
+        raise
 
 
 def freeze_adapter(model: nn.Module) -> None:
@@ -232,6 +288,35 @@ def module_tensors(model: nn.Module, modules: Sequence[str]) -> dict[str, Tensor
             raise VBShareError(f"cannot save module {name!r}: the model has no such submodule") from None
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     return tensors
+
+
+def check_module_tensors(model: nn.Module, modules: Sequence[str], tensors: dict[str, Tensor], source: str) -> None:
+    """Refuse, in one line, tensors saved beside an adapter (a task head; model state_dict keys) that are not
+    exactly the named modules' tensors (`module_tensors`): a module the model lacks, a tensor matching no
+    tensor of those modules, one left out, or another shape."""
+    for name in modules:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise VBShareError(f"{source} carries head module {name!r}, which this model does not have; load it "
+                               "into the base model it was trained on") from None
+    expected = module_tensors(model, modules)
+    unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if unexpected:
+        raise VBShareError(f"{source} holds {unexpected[0]}, which is no tensor of the head modules "
+                           f"{list(modules)}; the file does not belong to this adapter, save it again")
+    if missing:
+        raise VBShareError(f"{source} lacks {missing[0]} of head module {missing[0].rpartition('.')[0]!r}; the file "
+                           "is incomplete, save the adapter again")
+    for key, ours in expected.items():
+        theirs = tuple(tensors[key].shape)
+        if theirs != tuple(ours.shape):
+            labels = (f" (a classifier: num_labels={theirs[0]} instead of {ours.shape[0]})"
+                      if theirs and theirs[1:] == tuple(ours.shape[1:]) else "")
+            raise VBShareError(
+                f"head tensor {key} in {source} has shape {theirs} but this model's is {tuple(ours.shape)}; build "
+                f"the base with the head the adapter was trained with{labels}"
+            )
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -1,14 +1,18 @@
 """Score a finished training run again, on any split or data set, and write its predictions.
 
-    python -m vbshare.evaluate run_dir=RUN [split=test] [predictions=true] [out=FOLDER] [data=NAME] [KEY=VALUE ...]
+    python -m vbshare.evaluate run_dir=RUN [split=test] [predictions=true] [out=FOLDER] [data=NAME] [check_base=false]
+                               [KEY=VALUE ...]
 
-    evaluate_run(run_dir, split="test", overrides=(), predictions_path=None) -> dict
+    evaluate_run(run_dir, split="test", overrides=(), predictions_path=None, check_base=True) -> dict
 
 The run's own config.yaml is the starting point; the training app's setup code builds the task and a fresh
 base model from it, and the run mode loads what the run left (`adapter/` with the head, a full fine-tune's
 `model/`, a head-only run's head) onto that base. Overrides use Hydra's syntax: `data=NAME` picks another data
 config (composed from configs/data/ with the run's seed), `data.KEY=VALUE` and `trainer.KEY=VALUE` change
 single keys (e.g. `trainer.max_examples=null` scores a whole split that the run capped, `trainer.device=cpu`).
+
+An adapter is refused when the fresh base's weights are not those it was trained on (`vbshare.load_adapter`
+compares a small sample of them); `check_base=false` loads it anyway.
 
 Nothing in the run directory is written. The scores go to stdout as JSON; `predictions=true` (or `out=FOLDER`)
 also writes scores.json and predictions.jsonl (one row per example: index, label, prediction, correct, loss,
@@ -40,7 +44,7 @@ from .train.setup import build_task_and_model, keep_trained_in_fp32, set_threads
 log = logging.getLogger("vbshare.evaluate")
 
 CONFIG_FILE = "config.yaml"  # the resolved config every training run writes
-OWN_KEYS = ("run_dir", "split", "predictions", "out")  # command-line keys of this app; the rest override the config
+OWN_KEYS = ("run_dir", "split", "predictions", "out", "check_base")  # command-line keys of this app; the rest override the config
 DATA_GROUP = "data"
 DEFAULT_OUT_ROOT = "evaluations"
 PREDICTIONS = "predictions.jsonl"
@@ -84,9 +88,10 @@ def check_outside(path: Path, run_dir: Path) -> None:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[str] = (),
-                 predictions_path: str | Path | None = None) -> dict[str, Any]:
+                 predictions_path: str | Path | None = None, check_base: bool = True) -> dict[str, Any]:
     """Load a finished run's trained weights onto a fresh base, score one split and optionally write
-    predictions.jsonl to `predictions_path` (outside the run directory).
+    predictions.jsonl to `predictions_path` (outside the run directory). check_base=False loads an adapter
+    into a base whose weights differ from those it was trained on.
 
     Returns {"run_dir", "split", "task", "metric", "scores": {metric: value, ...}, "examples",
     "predictions": the predictions file or None}.
@@ -108,7 +113,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         model.requires_grad_(False)  # the head in fp32, as it trained (a lower-precision base stays as loaded)
         mode.train_heads(model)
         keep_trained_in_fp32(model, engine.precision)
-        model = mode.load_outputs(model, run_dir).to(engine.device)
+        model = mode.load_outputs(model, run_dir, check_base=check_base).to(engine.device)
         scores, rows = score_split(model, task, data[split], engine, cfg.trainer.eval_batch_size,
                                    tokenizer.pad_token_id or 0)
         is_main = engine.is_main
@@ -153,8 +158,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         folder = Path(str(out)) if out else default_out(run_dir, split) if own.get("predictions") else None
         if folder is not None:
             check_outside(folder, run_dir)
+        check_base = own.get("check_base", True)
+        if not isinstance(check_base, bool):
+            raise VBShareError(f"check_base must be true or false, got {check_base!r}")
         rest = [o.input_line for o in parsed if o.key_or_group not in OWN_KEYS]
-        result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS)
+        result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS, check_base)
     except USER_ERRORS as err:
         exit_with(err)
     if folder is not None:

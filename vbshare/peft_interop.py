@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from .adapters.base import STATE_ATTR, adapters, state_of
 from .adapters.unilora import theta_scales
 from .checkpoint import serialise
-from .core import freeze_adapter, head_modules, inject, load_adapter_tensors, module_tensors, stored_tensors
+from .core import (check_module_tensors, freeze_adapter, head_modules, inject, injected_or_undone, load_adapter_tensors,
+                   module_tensors, stored_tensors)
 from .errors import VBShareError
 from .files import atomic_write
 
@@ -55,6 +56,7 @@ class PeftType:
     peft_type: str
     export: ExportFn
     load: ImportFn
+    required: tuple[str, ...] = ("r",)  # config keys an import cannot do without
 
 
 def _rename(key: str, table: dict[str, str]) -> str:
@@ -117,6 +119,10 @@ def _import_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Te
             raise VBShareError(f"unexpected tensor {key} in the PEFT LoRA adapter (a bias or an embedding adapter?)")
         state[f"{name}.{which}"] = value
     names = sorted({k.rpartition(".")[0] for k in state})
+    for name in names:
+        for which in _LORA_KEYS:
+            if f"{name}.{which}" not in state:
+                raise VBShareError(f"the PEFT LoRA adapter has no {which} for {name}; is it a complete save?")
     r, alpha = config["r"], config.get("lora_alpha", config["r"])
     rank_pattern = {n: state[f"{n}.lora_A"].shape[0] for n in names if state[f"{n}.lora_A"].shape[0] != r}
     alpha_pattern = {n: _peft_pattern(config.get("alpha_pattern") or {}, n, alpha) for n in names}
@@ -304,9 +310,9 @@ def _unilora_indices(state: Any, layers: dict[str, nn.Module], saved: dict[str, 
 # vbshare method -> PEFT's own type for it. SoRA needs no entry: its stored form is a (pruned) LoRA.
 PEFT_TYPES: dict[str, PeftType] = {
     "lora": PeftType("LORA", _export_plain_lora, _import_lora),
-    "vblora": PeftType("VBLORA", _export_vblora, _import_vblora),
+    "vblora": PeftType("VBLORA", _export_vblora, _import_vblora, ("r", "num_vectors", "vector_length", "topk")),
     "vera": PeftType("VERA", _export_vera, _import_vera),
-    "unilora": PeftType("UNILORA", _export_unilora, _import_unilora),
+    "unilora": PeftType("UNILORA", _export_unilora, _import_unilora, ("r", "theta_d_length")),
 }
 PLAIN_LORA = PEFT_TYPES["lora"]
 
@@ -352,7 +358,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, topk_only: bool 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Inject and load a PEFT adapter folder (a type in `PEFT_TYPES`) into a plain base model (in place),
-    with its `modules_to_save` weights."""
+    with its `modules_to_save` weights. A folder that does not fit is refused in one line (tensors checked like
+    `vbshare.load_adapter`'s), and the model is then left plain."""
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
@@ -360,21 +367,30 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except FileNotFoundError as err:
         raise VBShareError(f"{err.filename} does not exist; point at a PEFT adapter folder") from None
     except Exception as err:
-        raise VBShareError(f"{directory} is not a readable PEFT adapter folder ({err})") from None
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VBShareError(f"{directory} is not a readable PEFT adapter folder ({line})") from None
+    path = directory / CONFIG_FILE
+    if not isinstance(config, dict):
+        raise VBShareError(f"{path} holds a JSON {type(config).__name__}, not an object; point at a PEFT adapter folder")
     by_type = {kind.peft_type: kind for kind in PEFT_TYPES.values()}
     kind = by_type.get(config.get("peft_type"))
     if kind is None:
         raise VBShareError(
             f"PEFT adapter type {config.get('peft_type')!r} is not supported; vbshare imports {', '.join(sorted(by_type))}"
         )
-    heads = list(config.get("modules_to_save") or [])
+    missing = [key for key in kind.required if key not in config]
+    if missing:
+        raise VBShareError(f"{path} has no {missing[0]!r}, which a PEFT {kind.peft_type} config needs; is it a "
+                           "complete save?")
+    heads = config.get("modules_to_save") or []
+    if not (isinstance(heads, list) and all(isinstance(h, str) and h for h in heads)):
+        raise VBShareError(f"{path}: 'modules_to_save' must be a list of module names, got {heads!r}")
     head_keys = {k for k in tensors if any(_strip(k).startswith(h + ".") for h in heads)}
-    kind.load(model, config, {k: v for k, v in tensors.items() if k not in head_keys})
-    if heads:
-        head = {_strip(k): tensors[k] for k in head_keys}
-        unknown = sorted(set(head) - set(model.state_dict()))
-        if unknown:
-            raise VBShareError(f"the PEFT adapter saves {unknown[0]}, which this model does not have; use its base model")
-        model.load_state_dict(head, strict=False)
-        state_of(model).head_modules = heads
+    with injected_or_undone(model):
+        kind.load(model, config, {k: v for k, v in tensors.items() if k not in head_keys})
+        if heads:
+            head = {_strip(k): tensors[k] for k in head_keys}
+            check_module_tensors(model, heads, head, str(directory / WEIGHTS_FILE))
+            model.load_state_dict(head, strict=False)
+            state_of(model).head_modules = heads
     return model

@@ -166,10 +166,34 @@ def _sparsify_text(spec: Any) -> str:
     return f"{spec.get('schedule')} {spec.get('num_stages')}x{spec.get('stage_steps')} to {_format(spec.get('max'))}"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML prints it over several lines with a caret)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{err.problem or err.context or 'invalid YAML'}{where}"
+    return " ".join(str(err).split())
+
+
 def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     summary = json.loads((run_dir / SUMMARY).read_text())
-    config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+    if not isinstance(summary, dict):
+        raise VBShareError(f"cannot read the run in {run_dir}: {SUMMARY} is not a JSON object; the run's files were "
+                           "edited, run it again")
+    try:
+        config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+    except yaml.YAMLError as err:
+        raise VBShareError(f"cannot read the run in {run_dir}: {CONFIG} is not valid YAML ({_yaml_problem(err)}); "
+                           "fix the file or leave the run out") from None
     config = config or {}
+    if not isinstance(config, dict):
+        raise VBShareError(f"cannot read the run in {run_dir}: {CONFIG} is not a mapping of settings; fix the file "
+                           "or leave the run out")
+    sections = [(CONFIG, key, config.get(key)) for key in ("trainer", "adapter", "data", "optim")]
+    for file_name, key, section in sections + [(SUMMARY, "hyperparameters", summary.get("hyperparameters"))]:
+        if section is not None and not isinstance(section, dict):
+            raise VBShareError(f"cannot read the run in {run_dir}: {key!r} in {file_name} is not a mapping; fix the "
+                               "file or leave the run out")
     trainer = config.get("trainer") or {}
     adapter = config.get("adapter") or {}
     hyper = {k: v for k, v in (summary.get("hyperparameters") or {}).items() if k not in COMPARE_ONLY_KEYS}
@@ -243,8 +267,10 @@ def collect_runs(root: str | Path | Iterable[str | Path], split: str | None = No
     for run_dir in run_dirs:
         try:
             rows.append(_run_row(run_dir, split))
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            raise VBShareError(f"cannot read the run in {run_dir}: {err}") from None
+        except VBShareError:
+            raise
+        except (OSError, ValueError) as err:  # JSON errors are ValueErrors, one line each
+            raise VBShareError(f"cannot read the run in {run_dir}: {' '.join(str(err).split())}") from None
     runs = pd.DataFrame(rows)
     runs["label"] = _labels(runs)
     return runs

@@ -130,6 +130,28 @@ class UniLoRAState(AdapterState):
         """d; with save_indices also the d per-entry scales (the modules count their indices)."""
         return self.theta.numel() + (self.theta_scale.numel() if self.config.save_indices else 0)
 
+    def unpack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
+        """Saved indices (save_indices) are checked before they load: integers in [0, theta_d_length), and the
+        saved per-entry scale equal to 1/√uses recounted from them (one line naming the tensor otherwise)."""
+        d = self.config.theta_d_length
+        indices = {k: v for k, v in tensors.items() if k.endswith((".indices_A", ".indices_B"))}
+        for key, value in indices.items():
+            if value.is_floating_point() or value.dtype == torch.bool:
+                raise VBShareError(f"Uni-LoRA indices {key} are {value.dtype}, not integers; save the adapter again")
+            if value.numel() and (int(value.min()) < 0 or int(value.max()) >= d):
+                raise VBShareError(f"Uni-LoRA indices {key} range over [{int(value.min())}, {int(value.max())}], "
+                                   f"outside theta [0, {d - 1}] (theta_d_length={d}); the file was altered or saved "
+                                   "with another theta_d_length")
+        scale_key = next((k for k in tensors if k.rpartition(".")[2] == "theta_scale"), None)
+        if len(indices) == 2 * len(self._adapters) and scale_key is not None:  # (a missing one is refused later)
+            recounted = theta_scales(torch.cat([v.reshape(-1) for v in indices.values()]), d)  # (d,)
+            saved = tensors[scale_key]
+            rtol = max(1e-5, 4 * torch.finfo(saved.dtype).eps) if saved.is_floating_point() else 0.0
+            if tuple(saved.shape) != (d,) or not torch.allclose(saved.float(), recounted, rtol=rtol, atol=0):
+                raise VBShareError(f"Uni-LoRA {scale_key} is not 1/sqrt(uses) of the saved indices; the file was "
+                                   "altered, save the adapter again")
+        return tensors
+
     def sharing_pattern(self) -> dict[str, Any]:
         d = self.config.theta_d_length
         return {"theta_d_length": d, "factor_entries": self.entries,

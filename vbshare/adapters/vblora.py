@@ -170,21 +170,57 @@ class VBLoRAState(AdapterState):
         return packed
 
     def unpack(self, tensors: dict[str, Tensor], topk_only: bool = False) -> dict[str, Tensor]:
-        """Rebuild logits from a top-k checkpoint: log-weights at the k indices, -inf elsewhere."""
+        """Rebuild logits from a top-k checkpoint: log-weights at the k indices, -inf elsewhere.
+
+        Every pair is checked first (one line naming the tensor): k distinct integer indices in [0, num_vectors)
+        per sub-vector, and k-1 weights in [0, 1] summing to at most 1."""
         if not topk_only:
             return tensors
+        for key, value in tensors.items():
+            if key.endswith("_topk_indices"):
+                self._check_topk(key, value, tensors.get(key[: -len("_topk_indices")] + "_topk_weights"))
+            elif key.endswith("_topk_weights") and key[: -len("_topk_weights")] + "_topk_indices" not in tensors:
+                raise VBShareError(f"top-k tensor {key} has no matching _topk_indices tensor; save the adapter again")
         logits = {}
         for key, value in tensors.items():
             if key.endswith("_topk_indices"):
                 base_key = key[: -len("_topk_indices")]
                 head = tensors[base_key + "_topk_weights"].float()  # (..., k-1)
-                weights = torch.cat([head, 1.0 - head.sum(-1, keepdim=True)], dim=-1)  # (..., k)
+                last = (1.0 - head.sum(-1, keepdim=True)).clamp(min=0.0)  # rounding may leave a tiny negative
+                weights = torch.cat([head, last], dim=-1)  # (..., k)
                 full = torch.full((*weights.shape[:-1], self.config.num_vectors), float("-inf"))  # (..., h)
                 logits[base_key] = full.scatter(-1, value.long(), weights.log())
             elif not key.endswith("_topk_weights"):
                 logits[key] = value
         self.inference_only = True
         return logits
+
+    def _check_topk(self, key: str, indices: Tensor, weights: Tensor | None) -> None:
+        """indices (..., k) and weights (..., k-1) of one top-k logits tensor, refused in one line when malformed."""
+        h, k = self.config.num_vectors, self.config.topk
+        name = key[: -len("_topk_indices")]
+        if weights is None:
+            raise VBShareError(f"top-k tensor {key} has no matching _topk_weights tensor; save the adapter again")
+        if indices.is_floating_point() or indices.dtype == torch.bool or not weights.is_floating_point():
+            raise VBShareError(f"top-k tensors of {name} have dtypes {indices.dtype} / {weights.dtype}; expected "
+                               "integer indices and floating-point weights, save the adapter again")
+        if indices.dim() < 1 or indices.shape[-1] != k or tuple(weights.shape) != (*indices.shape[:-1], k - 1):
+            raise VBShareError(f"top-k tensors of {name} have shapes {tuple(indices.shape)} / {tuple(weights.shape)}, "
+                               f"not (..., topk={k}) / (..., {k - 1}); load with the topk the adapter was saved with")
+        if indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= h:
+                raise VBShareError(f"top-k indices of {name} range over [{low}, {high}], outside the bank's "
+                                   f"num_vectors={h} vectors [0, {h - 1}]; the file was altered or saved with "
+                                   "another num_vectors")
+            if k > 1 and bool((indices.long().sort(dim=-1).values.diff(dim=-1) == 0).any()):
+                raise VBShareError(f"top-k indices of {name} select one bank vector twice for a sub-vector; "
+                                   "the file was altered, save the adapter again")
+        if weights.numel():
+            w = weights.float()
+            if not bool(torch.isfinite(w).all()) or float(w.min()) < 0 or float(w.sum(-1).max()) > 1 + 1e-3:
+                raise VBShareError(f"top-k weights of {name} are not softmax weights (each in [0, 1], at most 1 "
+                                   "together, finite); the file was altered, save the adapter again")
 
 
 class VBLoRA(LowRankAdapter):

@@ -119,7 +119,9 @@ def bbc_news(seed: int = 0, max_length: int = 128, train_per_class: int | None =
     splits = {name: Split(raw[name]["text"], raw[name]["label"]) for name in ("train", "validation", "test")}
     if train_per_class is not None:
         splits["train"] = splits["train"].per_class(train_per_class, train_subset_seed)
-    return Task("bbc_news", "classification", splits, "accuracy", raw["label_names"], max_length)
+    task = Task("bbc_news", "classification", splits, "accuracy", raw["label_names"], max_length)
+    warn_unseen_labels(task)
+    return task
 
 
 def bbc_lm(seed: int = 0, max_length: int = 256) -> Task:
@@ -204,7 +206,16 @@ def files(
                 f"its columns are: {', '.join(rows[0])} (instruction data needs {prompt_column!r} and "
                 f"{response_column!r}, or {messages_column!r})"
             )
+    for split, rows in tables.items():
+        for number, row in enumerate(rows, start=1):
+            value = row.get(label_column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise VBShareError(f"row {number} of {_path_of(split, path, validation_path, test_path)} has an empty "
+                                   f"{label_column!r} value; give every row a label (or drop the row)")
     label_names = sorted({str(r[label_column]) for rows in tables.values() for r in rows})
+    if len(label_names) == 1:
+        raise VBShareError(f"every row of the data has the same {label_column!r} value {label_names[0]!r}; "
+                           "classification needs at least two labels (is data.label_column the right column?)")
     label_id = {name: i for i, name in enumerate(label_names)}
 
     def to_split(rows: list[dict]) -> Split:
@@ -214,7 +225,27 @@ def files(
     splits = _split_if_one_file({name: to_split(rows) for name, rows in tables.items()}, fractions, seed, path)
     if train_per_class is not None:
         splits["train"] = splits["train"].per_class(train_per_class, train_subset_seed)
-    return Task(Path(path).stem, "classification", splits, "accuracy", label_names, max_length)
+    task = Task(Path(path).stem, "classification", splits, "accuracy", label_names, max_length)
+    warn_unseen_labels(task)
+    return task
+
+
+def warn_unseen_labels(task: Task) -> None:
+    """One warning line for each validation / test split holding labels that the training split never has:
+    the model cannot learn them, so every such example is scored wrong (a few-shot subset or a small file's
+    split can leave a class out)."""
+    if task.kind != "classification" or task.num_labels < 2:
+        return
+    seen = set(task.splits["train"].label)
+    for name in ("validation", "test"):
+        split = task.splits.get(name)
+        unseen = sorted(set(split.label) - seen) if split is not None else []
+        if unseen:
+            count = sum(label in unseen for label in split.label)
+            names = ", ".join(repr(task.label_names[i]) for i in unseen)
+            log.warning("%s split of %s: %d of %d examples have labels never seen in training (%s); the model cannot "
+                        "predict them, add training examples of those labels or check the split",
+                        name, task.name, count, len(split), names)
 
 
 def _split_if_one_file(splits: dict[str, Split], fractions: dict[str, float] | None, seed: int,

@@ -84,9 +84,10 @@ class RunMode:
 
     snapshots = False  # trainer.snapshot_every works for this mode
 
-    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+    def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """A finished run's trained weights (what `save_outputs` wrote) on a fresh base model; returns the
-        model to evaluate (vbshare.evaluate)."""
+        model to evaluate (vbshare.evaluate). check_base=False loads an adapter into a base whose weights differ
+        from those it was trained on (`vbshare.load_adapter`)."""
         raise NotImplementedError
 
     def save_snapshot(self, model: nn.Module, folder: Path) -> None:
@@ -141,9 +142,9 @@ class AdapterMode(RunMode):
         vbshare.load_adapter(model, folder / ADAPTER)  # metadata (e.g. tie-sets) first, then tensors and head
         self.train_heads(model)
 
-    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+    def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The run's adapter/ (its stored form, with the head), injected into the fresh base."""
-        return vbshare.load_adapter(model, run_dir / ADAPTER)
+        return vbshare.load_adapter(model, run_dir / ADAPTER, check_base=check_base)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
@@ -182,7 +183,7 @@ class FullFinetune(RunMode):
         return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "full",
                  "lr": self.cfg.optim.full_finetune_lr, "weight_decay": self.cfg.optim.weight_decay}]
 
-    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+    def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The fine-tuned model/ folder (save_pretrained), in the base's dtype."""
         folder = run_dir / FULL_MODEL
         if not (folder / "config.json").is_file():
@@ -214,7 +215,7 @@ class HeadOnly(RunMode):
         return [{"params": [p for p in model.parameters() if p.requires_grad], "role": "head",
                  "lr": float(to_python(self.cfg.adapter.lr)["head"]), "weight_decay": self.cfg.optim.weight_decay}]
 
-    def load_outputs(self, model: nn.Module, run_dir: Path) -> nn.Module:
+    def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The trained head (adapter/head.safetensors) into the fresh base."""
         path = run_dir / ADAPTER / HEAD_FILE
         if not path.is_file():
