@@ -8,7 +8,8 @@
     boolean(key, value), choice(key, value, options)
 
 Booleans are never integers or numbers here (`True` is not a batch size), and NaN or infinity is never a
-number. `first_nonfinite` finds a NaN or infinite value among tensors before they are written anywhere.
+number. `first_nonfinite` finds a NaN or infinite value among tensors before they are written anywhere;
+`refuse_nonfinite` turns one into an error.
 """
 from __future__ import annotations
 
@@ -96,3 +97,12 @@ def first_nonfinite(tensors: Mapping[str, Any] | Iterable[Any], prefix: str = ""
             if found is not None:
                 return found
     return None
+
+
+def refuse_nonfinite(tensors: Mapping[str, Any] | Iterable[Any], what: str) -> None:
+    """One VBShareError line when any floating-point tensor in `tensors` holds a NaN or an infinite value;
+    `what` says what was about to be written ("the adapter in out/adapter")."""
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise VBShareError(f"not writing {what}: {name} holds NaN or infinite values (the training diverged); "
+                           "lower the learning rate")

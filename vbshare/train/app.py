@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
-from ..errors import VBShareError
+from ..errors import VBShareError, WriteError
 from . import checkpoints, interrupt
 from .loop import train
 from .outputs import save_outputs
@@ -67,7 +67,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     with interrupt.catch_stop_signals(), warnings.catch_warnings():
         for message in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        return _train(cfg, Path(run_dir), started)
+        try:
+            return _train(cfg, Path(run_dir), started)
+        except WriteError as err:  # disk full, permission denied: every write is atomic, so nothing is torn
+            raise VBShareError(f"{err}; then {continuation(cfg, Path(run_dir))}") from err
+
+
+def continuation(cfg: DictConfig, run_dir: Path) -> str:
+    """What continues a run that stopped: a resumption from its checkpoint when it has one."""
+    folder = Path(cfg.trainer.resume) if cfg.trainer.resume else run_dir
+    try:
+        checkpoints.find_checkpoint(folder)
+    except VBShareError:
+        return "run it again"
+    return f"continue with trainer.resume={folder} (its last checkpoint is intact)"
 
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any] | None:
