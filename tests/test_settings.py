@@ -31,6 +31,7 @@ from vbshare.train import CONFIG_DIR, run_training, train_step
 from vbshare.train import app as train_app
 from vbshare.train import loop as train_loop
 from vbshare.train.checkpoints import read_trainer_state
+from vbshare.train.loop import Diverged
 from vbshare.train.settings import TrainerSettings, read_settings
 from vbshare.train.step import NonFiniteStep
 
@@ -353,6 +354,7 @@ def test_cli_diverging_run_stops_with_one_line_and_saves_nothing_nonfinite(overr
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: ") and f"; lower the learning rate ({lr_key}) or set trainer.nonfinite=" \
         "skip_step" in lines[0], lines
+    assert Diverged.said_in(lines[0])  # what vbshare.compare reads from a run's output: a failed trial
     step = int(lines[0].split(" at step ")[1].split(";")[0])
     assert lines[0].startswith(("error: loss became nan at step", "error: loss became inf at step",
                                 "error: gradient norm became"))
@@ -392,6 +394,30 @@ def test_skip_step_drops_the_update_and_counts_it(tmp_path, monkeypatch):
     assert train_rows[2]["loss"] is None and train_rows[2]["skipped_steps"] == 1
     assert all(math.isfinite(r["loss"]) for s, r in train_rows.items() if s != 2)
     assert assert_all_finite(tmp_path / "skip") > 0
+
+
+class DivergingRunner(compare_app.Runner):
+    """A learning rate above 1e-2 diverges; below, the score is a fixed function of it."""
+
+    def run(self, overrides, run_dir):
+        lr = float(next(o for o in overrides if o.startswith("++adapter.lr.A=")).split("=")[1])
+        if lr > 1e-2:
+            raise Diverged(f"the run in {run_dir} diverged: loss became nan at step 2; lower the learning rate "
+                           "(adapter.lr) or set trainer.nonfinite=skip_step")
+        return {"metric": "accuracy", "final": {"validation": {"accuracy": -abs(math.log10(lr) + 2.5)}}}
+
+
+def test_compare_tells_a_diverged_trial_as_failed_and_goes_on(tmp_path):
+    from tqdm import tqdm
+
+    settings = read_settings(compose_config("compare", ["compare.methods=[lora]", "compare.trials=8"])).compare
+    point = compare_app.Point("lora", "lora", {"lr.A": {"low": 1.0e-4, "high": 1.0, "log": True}})
+    with tqdm(disable=True) as bar:
+        trials = compare_app.tune(point, settings, 0, [], DivergingRunner(isolate=True), tmp_path, bar)
+    diverged = [t for t in trials if t.params["lr.A"] > 1e-2]
+    assert len(trials) == 8 and diverged and all(math.isnan(t.score) and not t.best for t in diverged)
+    best = [t for t in trials if t.best]
+    assert len(best) == 1 and best[0].score == max(t.score for t in trials if t.finite)
 
 
 # -- failed writes ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .checkpoint import atomic_write
 from .errors import VBShareError, WriteError
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.modes import to_python
+from .train.loop import Diverged
 from .train.metrics import higher_is_better
 from .train.settings import CompareSettings, Settings, read_settings
 
@@ -198,6 +199,8 @@ class Runner:
             atomic_write(run_dir / "failure.txt", ("$ " + " ".join(command) + "\n" + "\n".join(tail) + "\n").encode())
             errors = [line for line in tail if line.startswith("error: ")]
             reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit {done.returncode}")
+            if Diverged.said_in(reason):
+                raise Diverged(f"the run in {run_dir} diverged: {reason}")
             raise VBShareError(f"the run in {run_dir} failed: {reason} (details in {run_dir / 'failure.txt'}); "
                                "fix it and run the comparison again to continue")
 
@@ -268,7 +271,8 @@ def tune(point: Point, settings: CompareSettings, seed: int, overrides: list[str
     `seed`.
 
     The study maximises the validation metric times its direction (+1 higher is better, -1 otherwise), so it
-    needs no metric name before the first run. Non-finite scores are told as failed trials.
+    needs no metric name before the first run. Non-finite scores, and runs that diverged (trainer.nonfinite=stop
+    ended them), are told as failed trials.
     """
     sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed)
     study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -279,8 +283,13 @@ def tune(point: Point, settings: CompareSettings, seed: int, overrides: list[str
         run_dir = out / "stage1" / point.name / f"trial_{number:03d}"
         bar.set_postfix_str(f"{point.name} trial {number}")
         request = [*overrides, *point.overrides(params), f"seed={seed}", "trainer.eval_test=false"]
-        summary = runner.run(request, run_dir)
-        trial = Trial(point, number, params, run_dir, summary.get("metric"), validation_score(summary, run_dir))
+        try:
+            summary = runner.run(request, run_dir)
+        except Diverged as diverged:  # these parameters make training diverge: a failed trial, TPE moves on
+            log.warning("%s trial %d failed: %s", point.name, number, diverged)
+            summary = {}
+        trial = Trial(point, number, params, run_dir, summary.get("metric"),
+                      validation_score(summary, run_dir) if summary else math.nan)
         if trial.finite:
             study.tell(asked, trial.score * (1.0 if higher_is_better(trial.metric) else -1.0))
         else:
@@ -289,7 +298,7 @@ def tune(point: Point, settings: CompareSettings, seed: int, overrides: list[str
         bar.update()
     scored = [t for t in trials if t.finite]
     if not scored:
-        raise VBShareError(f"every trial of {point.name} scored NaN on validation (see {out / 'stage1' / point.name}); "
+        raise VBShareError(f"every trial of {point.name} diverged or scored NaN on validation (see {out / 'stage1' / point.name}); "
                            "narrow its search space (learning rates too high?)")
     sign = 1.0 if higher_is_better(scored[0].metric) else -1.0
     max(scored, key=lambda t: (sign * t.score, -t.number)).best = True  # ties: the earliest trial

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,18 @@ if TYPE_CHECKING:
     from .run import Run
 
 log = logging.getLogger("vbshare.train")
+
+
+class Diverged(VBShareError):
+    """The run stopped at a non-finite loss or gradient norm (trainer.nonfinite=stop). Its message is the line
+    the command prints: "loss became nan at step 2; lower the learning rate (adapter.lr) or ..."."""
+
+    LINE = re.compile(r"(loss|gradient norm) became \S+ at step \d+; lower the learning rate")
+
+    @classmethod
+    def said_in(cls, line: str) -> bool:
+        """Whether an error line of a training process is this error's (vbshare.compare reads its runs' lines)."""
+        return cls.LINE.search(line) is not None
 
 
 def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
@@ -76,7 +89,7 @@ def take_step(run: "Run") -> StepStats:
         stats = train_step(run.model, run.optimizer, micro_losses(run, run.step), run.step + 1, engine=run.engine,
                            grad_clip=run.settings.optim.grad_clip, nonfinite=policy)
     except NonFiniteStep as bad:
-        raise VBShareError(f"{bad.what} became {bad.value} at step {bad.step}; lower the learning rate "
+        raise Diverged(f"{bad.what} became {bad.value} at step {bad.step}; lower the learning rate "
                            f"({run.mode.lr_key}) or set trainer.nonfinite=skip_step") from None
     run.step += 1
     if stats.skipped:
