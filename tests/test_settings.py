@@ -467,6 +467,13 @@ def test_write_error_is_still_the_os_error():
     assert str(err).startswith("cannot write /proc/vbshare-cannot-write/x.json: ")
 
 
+def test_every_precision_setting_has_an_engine_precision():
+    from vbshare.train.engine import ACCELERATE_PRECISION
+    from vbshare.train.settings import PRECISIONS
+
+    assert set(ACCELERATE_PRECISION) == set(PRECISIONS)
+
+
 def test_trainer_settings_fields_follow_the_yaml_order():
     """One field per key of configs/trainer/default.yaml, in its order (the YAML is the reference)."""
     keys = list(yaml.safe_load((CONFIG_DIR / "trainer" / "default.yaml").read_text()))

@@ -44,7 +44,8 @@ from .step import optimised_parameters
 
 log = logging.getLogger("vbshare.train")
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # trainer.precision -> Accelerate's name
+# trainer.precision (one of settings.PRECISIONS) -> Accelerate's name
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FSDP2_TORCH = "2.7.0"  # fully_shard over a list of modules, with ignored_params
 
 
@@ -77,11 +78,11 @@ class Engine:
             raise VBShareError("trainer.precision=fp16 needs a CUDA device (its gradient scaler runs on GPUs); "
                                "use trainer.precision=bf16 on CPU")
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if launched not in ("no", PRECISIONS[precision]):  # `accelerate launch --mixed_precision ...`
+        if launched not in ("no", ACCELERATE_PRECISION[precision]):  # `accelerate launch --mixed_precision ...`
             raise VBShareError(f"accelerate launch --mixed_precision={launched} disagrees with trainer.precision={precision}; "
                                "set the precision with trainer.precision and launch without --mixed_precision")
         reset_accelerate_state()
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=PRECISIONS[precision])
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=ACCELERATE_PRECISION[precision])
         self.precision = precision
         self.compile = trainer.compile
         self.model: nn.Module | None = None

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checks import refuse_nonfinite
+from ..errors import VBShareError
 from .batches import batch_indices, collate, count_targets, forward_loss, shard_micro_batches
 from . import interrupt
 from .checkpoints import save_checkpoint, save_snapshot
 from .evaluation import evaluate, format_scores, update_best
-from ..checks import refuse_nonfinite
-from ..errors import VBShareError
 from .outputs import write_metrics
 from .step import MicroLoss, NonFiniteStep, StepStats, train_step
 

@@ -29,10 +29,10 @@ from omegaconf import DictConfig
 from ..checks import boolean, choice, fail, integer, is_integer, is_number, number
 from ..errors import VBShareError
 from .modes import to_python
+from .step import NONFINITE_POLICIES
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # trainer.precision (autocast; fp16 with a gradient scaler)
 STRATEGIES = ("ddp", "fsdp")
-NONFINITE = ("stop", "skip_step")  # trainer.nonfinite: a non-finite loss or gradient norm stops the run / skips its step
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SPLITS = ("train", "validation", "test")
 SEED_LIMIT = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
@@ -159,7 +159,7 @@ class TrainerSettings:
     dropout: float | None = setting(partial(number, low=0, high=1, high_open=True, null=True,
                                             allowed="null or in [0, 1)"))
     progress_bar: bool = setting(boolean)
-    nonfinite: str = setting(partial(choice, options=NONFINITE))
+    nonfinite: str = setting(partial(choice, options=NONFINITE_POLICIES))
     sparsify: SparsifySettings | None = setting(lambda key, value: sparsify_block(key, value))
 
 
