@@ -89,9 +89,9 @@ def folder(key: str, value: Any) -> str:
     return value
 
 
-def name(key: str, value: Any) -> str:
+def method_name(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        fail(key, value, "a name")
+        fail(key, value, "an adapter config's name")
     return value
 
 
@@ -102,7 +102,7 @@ def fractions(key: str, value: Any) -> dict[str, float] | None:
     if not isinstance(value, Mapping) or "train" not in value or set(value) - set(SPLITS):
         fail(key, value, "a mapping of train (and validation, test) to fractions, e.g. {train: 0.8, validation: 0.1, "
                          "test: 0.1}")
-    parts = {name: number(f"{key}.{name}", part, 0, 1) for name, part in value.items()}
+    parts = {split: number(f"{key}.{split}", part, 0, 1) for split, part in value.items()}
     if abs(sum(parts.values()) - 1.0) > FRACTION_TOLERANCE:
         fail(key, value, "fractions that sum to 1")
     return parts
@@ -113,13 +113,66 @@ def optimizer_block(key: str, value: Any) -> dict[str, Any]:
     are checked when given (torch would refuse them with a traceback)."""
     if not isinstance(value, Mapping) or "_target_" not in value:
         fail(key, value, "a block with a _target_ (the optimiser class) and its arguments")
-    betas = value.get("betas", (0.0, 0.0))
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
-            is_number(beta) and 0 <= beta < 1 for beta in betas):
-        fail(f"{key}.betas", betas, "two numbers in [0, 1)")
+    if "betas" in value:
+        betas = value["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                is_number(beta) and 0 <= beta < 1 for beta in betas):
+            fail(f"{key}.betas", betas, "two numbers in [0, 1)")
     if "eps" in value:
         number(f"{key}.eps", value["eps"], 0, low_open=True)
     return dict(value)
+
+
+def method_list(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        fail(key, value, "a list of adapter configs, e.g. [lora,vblora]")
+    if not value:
+        raise VBShareError(f"{key} is empty; list adapter configs, e.g. {key}=[lora,vblora]")
+    if len(set(value)) != len(value):
+        raise VBShareError(f"{key} lists a method twice: {value}")
+    return list(value)
+
+
+def seed_list(key: str, value: Any) -> list[int]:
+    """compare.seeds: a count N (seeds 0, 1, ..., N-1) or a list of distinct seeds."""
+    if is_integer(value) and value >= 1:
+        return list(range(value))
+    allowed = "a number of seeds N >= 1 (seeds 0 to N-1) or a list of distinct integer seeds, e.g. [0,1,2]"
+    if not isinstance(value, list) or not value or len(set(map(repr, value))) != len(value):
+        fail(key, value, allowed)
+    return [seed_value(key, s) for s in value]
+
+
+def size_lists(key: str, value: Any) -> dict[str, list[Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(v, list) and v for v in value.values()):
+        fail(key, value, "null or a mapping method -> list of sizes, e.g. {lora: [2, 8]}")
+    return {str(k): list(v) for k, v in value.items()}
+
+
+# -- reading a block ----------------------------------------------------------------------------------------
+def read_block(kind: type, block: Any, prefix: str, closed: bool = True) -> Any:
+    """A `kind` dataclass from the config block `prefix` (a mapping): every field's key checked. `closed`: a key
+    the dataclass does not know is refused (an added `+trainer.typo=...` would otherwise do nothing)."""
+    if not isinstance(block, Mapping):
+        fail(prefix, block, "a block of keys")
+    names = [f.name for f in dataclasses.fields(kind) if "check" in f.metadata]
+    unknown = sorted(set(block) - set(names))
+    if closed and unknown:
+        raise VBShareError(f"{prefix}.{unknown[0]} is not a setting; the {prefix} keys are: {', '.join(names)}")
+    values = {}
+    for f in dataclasses.fields(kind):
+        if "check" not in f.metadata:
+            continue
+        key = f"{prefix}.{f.name}"
+        if f.name not in block:
+            if f.metadata["optional"]:
+                values[f.name] = None
+                continue
+            raise VBShareError(f"{key} is missing from the config; put it back (configs/ gives every default)")
+        values[f.name] = f.metadata["check"](key, block[f.name])
+    return kind(**values)
 
 
 # -- the blocks -------------------------------------------------------------------------------------------------
@@ -132,6 +185,20 @@ class SparsifySettings:
     memorise_examples: int = setting(positive)
     snapshots: bool = setting(boolean)
     schedule: dict[str, Any] = field(default_factory=dict)
+
+
+def sparsify_block(key: str, value: Any) -> SparsifySettings | None:
+    """trainer.sparsify: null, or the stage schedule (`+trainer/sparsify=default`)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        fail(key, value, "a block of keys (+trainer/sparsify=default) or null")
+    if "dense_steps" in value:
+        raise VBShareError(f"{key}.dense_steps is not a key here: the dense stage is the normal training, "
+                           "trainer.max_steps")
+    app_keys = [f.name for f in dataclasses.fields(SparsifySettings) if "check" in f.metadata]
+    app = read_block(SparsifySettings, {k: v for k, v in value.items() if k in app_keys}, key)
+    return dataclasses.replace(app, schedule={k: v for k, v in value.items() if k not in app_keys})
 
 
 @dataclass(frozen=True)
@@ -160,7 +227,7 @@ class TrainerSettings:
                                             allowed="null or in [0, 1)"))
     progress_bar: bool = setting(boolean)
     nonfinite: str = setting(partial(choice, options=NONFINITE_POLICIES))
-    sparsify: SparsifySettings | None = setting(lambda key, value: sparsify_block(key, value))
+    sparsify: SparsifySettings | None = setting(sparsify_block)
 
 
 @dataclass(frozen=True)
@@ -192,11 +259,11 @@ class DataSettings:
 class CompareSettings:
     """configs/compare.yaml's `compare` block, checked (vbshare.compare)."""
 
-    methods: list[str] = setting(lambda key, value: method_list(key, value))
+    methods: list[str] = setting(method_list)
     trials: int = setting(positive)
-    seeds: list[int] = setting(lambda key, value: seed_list(key, value))
-    sizes: dict[str, list[Any]] | None = setting(lambda key, value: size_lists(key, value))
-    control: str = setting(name)  # one of methods (checked below)
+    seeds: list[int] = setting(seed_list)
+    sizes: dict[str, list[Any]] | None = setting(size_lists)
+    control: str = setting(method_name)  # one of methods (checked below)
     sampler_seed: int = setting(seed_value)
     isolate: bool = setting(boolean)
     workers: int = setting(partial(integer, low=1, allowed="a whole number >= 1 (runs trained at a time)"))
@@ -224,72 +291,6 @@ class Settings:
     data: DataSettings
     adapter_lr: float | dict[str, float] | None  # adapter.lr; None when the run has no adapter block with one
     compare: CompareSettings | None  # vbshare.compare's block; None in a training config
-
-
-# -- block readers ---------------------------------------------------------------------------------------------
-def read_block(kind: type, block: Any, prefix: str, closed: bool = True) -> Any:
-    """A `kind` dataclass from the config block `prefix` (a mapping): every field's key checked. `closed`: a key
-    the dataclass does not know is refused (an added `+trainer.typo=...` would otherwise do nothing)."""
-    if not isinstance(block, Mapping):
-        fail(prefix, block, "a block of keys")
-    names = [f.name for f in dataclasses.fields(kind) if "check" in f.metadata]
-    unknown = sorted(set(block) - set(names))
-    if closed and unknown:
-        raise VBShareError(f"{prefix}.{unknown[0]} is not a setting; the {prefix} keys are: {', '.join(names)}")
-    values = {}
-    for f in dataclasses.fields(kind):
-        if "check" not in f.metadata:
-            continue
-        key = f"{prefix}.{f.name}"
-        if f.name not in block:
-            if f.metadata["optional"]:
-                values[f.name] = None
-                continue
-            raise VBShareError(f"{key} is missing from the config; put it back (configs/ gives every default)")
-        values[f.name] = f.metadata["check"](key, block[f.name])
-    return kind(**values)
-
-
-def sparsify_block(key: str, value: Any) -> SparsifySettings | None:
-    """trainer.sparsify: null, or the stage schedule (`+trainer/sparsify=default`)."""
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        fail(key, value, "a block of keys (+trainer/sparsify=default) or null")
-    if "dense_steps" in value:
-        raise VBShareError(f"{key}.dense_steps is not a key here: the dense stage is the normal training, "
-                           "trainer.max_steps")
-    app_keys = [f.name for f in dataclasses.fields(SparsifySettings) if "check" in f.metadata]
-    app = read_block(SparsifySettings, {k: v for k, v in value.items() if k in app_keys}, key)
-    return dataclasses.replace(app, schedule={k: v for k, v in value.items() if k not in app_keys})
-
-
-def method_list(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        fail(key, value, "a list of adapter configs, e.g. [lora,vblora]")
-    if not value:
-        raise VBShareError(f"{key} is empty; list adapter configs, e.g. {key}=[lora,vblora]")
-    if len(set(value)) != len(value):
-        raise VBShareError(f"{key} lists a method twice: {value}")
-    return list(value)
-
-
-def seed_list(key: str, value: Any) -> list[int]:
-    """compare.seeds: a count N (seeds 0, 1, ..., N-1) or a list of distinct seeds."""
-    if is_integer(value) and value >= 1:
-        return list(range(value))
-    allowed = "a number of seeds N >= 1 (seeds 0 to N-1) or a list of distinct integer seeds, e.g. [0,1,2]"
-    if not isinstance(value, list) or not value or len(set(map(repr, value))) != len(value):
-        fail(key, value, allowed)
-    return [seed_value(key, s) for s in value]
-
-
-def size_lists(key: str, value: Any) -> dict[str, list[Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or not all(isinstance(v, list) and v for v in value.values()):
-        fail(key, value, "null or a mapping method -> list of sizes, e.g. {lora: [2, 8]}")
-    return {str(k): list(v) for k, v in value.items()}
 
 
 # -- the whole config ------------------------------------------------------------------------------------------
