@@ -364,6 +364,21 @@ def test_cli_diverging_run_stops_with_one_line_and_saves_nothing_nonfinite(overr
         assert read_trainer_state(tmp_path)["step"] == step - 1
 
 
+def test_a_diverged_job_of_a_sweep_is_a_failed_trial_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", "+adapter=lora", *FAST, "adapter.lr.A=1e30,1e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    monkeypatch.delenv("VBSHARE_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vbshare.train", *args])
+    try:
+        train_app.main()  # returns: no job ended the process
+    finally:
+        GlobalHydra.instance().clear()
+    assert not (tmp_path / "sweep" / "0" / "summary.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["steps"] == 4
+    assert Diverged.said_in((tmp_path / "sweep" / "0" / "train.log").read_text())
+
+
 def nan_at(step_index: int, monkeypatch) -> None:
     """Optimiser step `step_index` (from 0) computes a NaN loss."""
     original = train_loop.micro_losses

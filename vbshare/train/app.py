@@ -19,6 +19,7 @@ at the end of the current step, prints one line with the command that continues,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
@@ -29,13 +30,14 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
 from ..errors import VBShareError, WriteError
 from . import checkpoints, interrupt
-from .loop import train
+from .loop import Diverged, train
 from .outputs import save_outputs
 from .setup import setup
 from .sparsify import sparsify_stages
@@ -118,6 +120,11 @@ def objective(summary: dict[str, Any] | None) -> float | None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
+    except Diverged as diverged:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one job of a sweep: a failed trial, the sweep goes on
+            log.error("error: %s", diverged)
+            return math.nan
+        exit_with(diverged)
     except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
         exit_with(err)
     except interrupt.TrainingInterrupted as stop:
