@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vbshare.compare import Point, Runner, check_request, in_workers, tune
 from vbshare.errors import VBShareError
+from vbshare.train.settings import CompareSettings
 
 FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 METHODS, TRIALS = ["lora", "vblora"], 2
@@ -138,14 +138,15 @@ class FakeRunner(Runner):
 
 def test_workers_tune_points_side_by_side_with_the_same_trials(tmp_path):
     """Tuning 3 points 3 at a time asks TPE for exactly the parameters that tuning them one by one asks for."""
-    cfg = OmegaConf.create({"seed": 0, "compare": {"trials": 4, "sampler_seed": 0}})
+    settings = CompareSettings(methods=["a", "b", "c"], trials=4, seeds=[0], sizes=None, control="a",
+                               sampler_seed=0, isolate=True, workers=3, out=str(tmp_path))
     space = {"lr.A": {"low": 1.0e-4, "high": 1.0e-1, "log": True}}
     points = [Point(name, name, space) for name in ("a", "b", "c")]
 
     def tuned(workers):
         runner = FakeRunner()
         with tqdm(disable=True) as bar:
-            trials = in_workers(lambda p: tune(p, cfg, [], runner, tmp_path, bar), points, workers)
+            trials = in_workers(lambda p: tune(p, settings, 0, [], runner, tmp_path, bar), points, workers)
         return [[(t.point.name, t.number, t.params, t.score, t.best) for t in ts] for ts in trials], runner
 
     one_by_one, serial = tuned(1)

@@ -34,6 +34,7 @@ from vbshare.train import setup as train_setup
 from vbshare.train.batches import batch_indices
 from vbshare.train.checkpoints import read_trainer_state
 from vbshare.train.loop import lr_factor
+from vbshare.train.settings import read_settings
 from vbshare.train.setup import set_threads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,8 +215,8 @@ def test_num_threads_auto_follows_affinity_not_load(monkeypatch):
         assert set_threads("auto") == 3 and torch.get_num_threads() == 3
         assert set_threads(2) == 2 and torch.get_num_threads() == 2
         assert set_threads(None) == 2  # null: leave torch's setting
-        with pytest.raises(VBShareError, match="num_threads"):
-            set_threads(0)
+        with pytest.raises(VBShareError, match="trainer.num_threads must be a positive integer, auto or null"):
+            read_settings(compose_config(["trainer.num_threads=0"]))  # checked with every setting, before setup
     finally:
         torch.set_num_threads(threads)
 

@@ -6,7 +6,7 @@
     ...  # loss = task_loss + (vbshare.extra_loss(model) or 0); step; vbshare.after_step(model, optimizer, step)
     vbshare.save_adapter(model, "out/adapter", topk_only=True)
 
-Layers, each importing only from those before it: errors, targets, records, files -> adapters/base.py (the
+Layers, each importing only from those before it: errors, checks, targets, records, files -> adapters/base.py (the
 contract, `state_of`, `adapters`) -> one module per method in adapters/ -> registry (METHODS) -> core
 (inject, merge, hooks, optimiser groups, adapter tensors) -> accounting (summary), checkpoint
 (save/load_adapter), peft_interop (export/import_peft) -> train/, analysis/, report.

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import LowRankAdapter, adapters, state_of
+from .checks import refuse_nonfinite
 from .core import (check_adapter_tensors, check_module_tensors, freeze_adapter, head_modules, inject,
                    injected_or_undone, module_tensors, stored_tensors)
 from .errors import VBShareError
@@ -163,13 +164,17 @@ def save_adapter(
             [] saves none.
         stored_form: write the method's stored form (`AdapterState.saved_form`: SoRA saves its pruned LoRA);
             False writes the training form, from which training resumes exactly (SoRA keeps its gates).
+    A tensor holding NaN or infinity is refused (one VBShareError line) before anything is written.
     """
     modules = head_modules(model) if modules is None else list(modules)
     if stored_form:
         model = state_of(model).saved_form(model)
     state = state_of(model)
     directory = Path(directory)
-    weights = serialise(stored_tensors(model, topk_only=topk_only, stored_form=False))
+    tensors = stored_tensors(model, topk_only=topk_only, stored_form=False)
+    head = module_tensors(model, modules) if modules else {}
+    refuse_nonfinite({**tensors, **head}, f"the adapter to {directory}")  # a diverged run saves nothing
+    weights = serialise(tensors)
     described: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -185,7 +190,7 @@ def save_adapter(
     }
     atomic_write(directory / WEIGHTS_FILE, weights)
     if modules:
-        blob = serialise(module_tensors(model, modules))
+        blob = serialise(head)
         atomic_write(directory / MODULES_FILE, blob)
         described["files"][MODULES_FILE] = hashlib.sha256(blob).hexdigest()
         described["modules"] = list(modules)

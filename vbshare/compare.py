@@ -8,7 +8,7 @@ stage 1: for every point the same number of Optuna TPE trials (`compare.trials`,
          `compare.sampler_seed`) over the method's `search` space, each a training run with
          `trainer.eval_test=false`: scored on the validation split, the test split is never evaluated.
 stage 2: the best trial of every point re-run with each of `compare.seeds` (the same seeds for every point: the
-         same data order and head init), scored on test.
+         same data order and head init), scored on test; `compare.seeds=N` means seeds 0, 1, ..., N-1.
 workers: with `compare.workers=N` (N > 1, separate processes) N runs train at a time: in stage 1 N points are
          tuned side by side (the trials of one point stay sequential: each asks TPE after the last is told), in
          stage 2 N seeded runs. The runs, their folders and every result are the same for any N.
@@ -61,11 +61,13 @@ from tqdm.auto import tqdm
 
 from . import locks, report
 from .checkpoint import atomic_write
-from .errors import VBShareError
+from .errors import VBShareError, WriteError
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
 from .train.modes import to_python
+from .train.loop import Diverged
 from .train.metrics import higher_is_better
+from .train.settings import CompareSettings, Settings, read_settings
 
 log = logging.getLogger("vbshare.compare")
 
@@ -149,24 +151,11 @@ def check_search(method: str, search: dict[str, Any]) -> None:
                                f"or {{choices: [...]}}, got {spec!r}")
 
 
-def plan(cfg: DictConfig, overrides: list[str]) -> list[Point]:
+def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:
     """The points of the comparison, in compare.methods order (sizes ascending as given)."""
-    methods = list(cfg.compare.methods)
-    sizes = to_python(cfg.compare.sizes) or {}
-    if not methods:
-        raise VBShareError("compare.methods is empty; list adapter configs, e.g. compare.methods=[lora,vblora]")
-    if len(set(methods)) != len(methods):
-        raise VBShareError(f"compare.methods lists a method twice: {methods}")
-    unknown = sorted(set(sizes) - set(methods))
-    if unknown:
-        raise VBShareError(f"compare.sizes names {', '.join(unknown)}, which compare.methods does not list")
-    if cfg.compare.control not in methods:
-        raise VBShareError(f"compare.control={cfg.compare.control} is not in compare.methods {methods}; "
-                           "add it or choose another control")
-    if int(cfg.compare.trials) < 1 or not list(cfg.compare.seeds):
-        raise VBShareError("compare.trials must be >= 1 and compare.seeds must list at least one seed")
+    sizes = settings.sizes or {}
     points = []
-    for method in methods:
+    for method in settings.methods:
         adapter = adapter_config(method, overrides)
         search = to_python(adapter.get("search")) or {}
         check_search(method, search)
@@ -220,6 +209,8 @@ class Runner:
             atomic_write(run_dir / "failure.txt", ("$ " + " ".join(command) + "\n" + "\n".join(tail) + "\n").encode())
             errors = [line for line in tail if line.startswith("error: ")]
             reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit {done.returncode}")
+            if Diverged.said_in(reason):
+                raise Diverged(f"the run in {run_dir} diverged: {reason}")
             raise VBShareError(f"the run in {run_dir} failed: {reason} (details in {run_dir / 'failure.txt'}); "
                                "fix it and run the comparison again to continue")
 
@@ -302,23 +293,31 @@ def suggest(trial: optuna.trial.Trial, key: str, spec: dict[str, Any]) -> Any:
     return trial.suggest_float(key, float(low), float(high), step=step, log=log_scale)
 
 
-def tune(point: Point, cfg: DictConfig, overrides: list[str], runner: Runner, out: Path, bar: tqdm) -> list[Trial]:
-    """compare.trials trials of a seeded TPE study for one point, each a validation-only run.
+def tune(point: Point, settings: CompareSettings, seed: int, overrides: list[str], runner: Runner, out: Path,
+         bar: tqdm) -> list[Trial]:
+    """compare.trials trials of a seeded TPE study for one point, each a validation-only run with the run seed
+    `seed`.
 
     The study maximises the validation metric times its direction (+1 higher is better, -1 otherwise), so it
-    needs no metric name before the first run. Non-finite scores are told as failed trials.
+    needs no metric name before the first run. Non-finite scores, and runs that diverged (trainer.nonfinite=stop
+    ended them), are told as failed trials.
     """
-    sampler = optuna.samplers.TPESampler(seed=int(cfg.compare.sampler_seed))
+    sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trials = []
-    for number in range(int(cfg.compare.trials)):
+    for number in range(settings.trials):
         asked = study.ask()
         params = {key: suggest(asked, key, spec) for key, spec in point.search.items()}
         run_dir = out / "stage1" / point.name / f"trial_{number:03d}"
         bar.set_postfix_str(f"{point.name} trial {number}")
-        request = [*overrides, *point.overrides(params), f"seed={int(cfg.seed)}", "trainer.eval_test=false"]
-        summary = runner.run(request, run_dir)
-        trial = Trial(point, number, params, run_dir, summary.get("metric"), validation_score(summary, run_dir))
+        request = [*overrides, *point.overrides(params), f"seed={seed}", "trainer.eval_test=false"]
+        try:
+            summary = runner.run(request, run_dir)
+        except Diverged as diverged:  # these parameters make training diverge: a failed trial, TPE moves on
+            log.warning("%s trial %d failed: %s", point.name, number, diverged)
+            summary = {}
+        trial = Trial(point, number, params, run_dir, summary.get("metric"),
+                      validation_score(summary, run_dir) if summary else math.nan)
         if trial.finite:
             study.tell(asked, trial.score * (1.0 if higher_is_better(trial.metric) else -1.0))
         else:
@@ -327,7 +326,7 @@ def tune(point: Point, cfg: DictConfig, overrides: list[str], runner: Runner, ou
         bar.update()
     scored = [t for t in trials if t.finite]
     if not scored:
-        raise VBShareError(f"every trial of {point.name} scored NaN on validation (see {out / 'stage1' / point.name}); "
+        raise VBShareError(f"every trial of {point.name} diverged or scored NaN on validation (see {out / 'stage1' / point.name}); "
                            "narrow its search space (learning rates too high?)")
     sign = 1.0 if higher_is_better(scored[0].metric) else -1.0
     max(scored, key=lambda t: (sign * t.score, -t.number)).best = True  # ties: the earliest trial
@@ -381,54 +380,51 @@ def in_workers(work: Callable[[Job], Result], jobs: Iterable[Job], workers: int)
             raise
 
 
-def check_workers(cfg: DictConfig) -> int:
-    workers = cfg.compare.get("workers", 1)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise VBShareError(f"compare.workers must be a whole number >= 1 (runs trained at a time), got {workers!r}")
-    if workers > 1 and not cfg.compare.isolate:
-        raise VBShareError("compare.workers > 1 trains runs side by side in separate processes; set "
-                           "compare.isolate=true (or compare.workers=1)")
-    return workers
-
-
 # ====================================================================================================== entry
 def compare(cfg: DictConfig) -> Path:
-    """The whole protocol for a composed compare config, holding compare.out throughout; returns the report folder."""
-    with locks.hold(cfg.compare.out, BUSY_HINT):
-        return run_protocol(cfg)
-
-
-def run_protocol(cfg: DictConfig) -> Path:
-    """plan -> stage 1 -> stage 2 -> stage 3 into compare.out (held by `compare`)."""
+    """The whole protocol for a composed compare config, holding compare.out throughout (one writer); returns
+    the report folder. The settings every run shares (trainer, optim, data, seed) and the compare block are
+    checked before anything starts. A file that cannot be written (disk full) stops it with one line; running
+    it again continues."""
     if cfg.get("adapter") is not None:
         raise VBShareError("vbshare.compare takes its methods from compare.methods; drop +adapter=...")
-    out = Path(cfg.compare.out).resolve()
-    workers = check_workers(cfg)
+    settings = read_settings(cfg)
+    out = Path(settings.compare.out).resolve()
+    try:
+        with locks.hold(out, BUSY_HINT):
+            return _compare(cfg, settings, out)
+    except WriteError as err:  # every write is atomic: finished runs stay reusable
+        raise VBShareError(f"{err}; then run the comparison again with compare.out={out}: finished runs are "
+                           "reused") from err
+
+
+def _compare(cfg: DictConfig, settings: Settings, out: Path) -> Path:
+    c = settings.compare
+    workers = c.workers
     overrides = base_overrides(cfg)
-    points = plan(cfg, overrides)
-    runner = Runner(isolate=bool(cfg.compare.isolate))
+    points = plan(c, overrides)
+    runner = Runner(isolate=c.isolate)
     log.info("comparing %d points (%s) in %s: %d trials each, then seeds %s; %d run(s) at a time", len(points),
-             ", ".join(p.name for p in points), out, cfg.compare.trials, list(cfg.compare.seeds), workers)
+             ", ".join(p.name for p in points), out, c.trials, c.seeds, workers)
 
     tuned: dict[str, list[Trial]] = {}  # point name -> its trials, filled as points finish
     lock = threading.Lock()
 
     def tune_point(point: Point) -> list[Trial]:
-        point_trials = tune(point, cfg, overrides, runner, out, bar)
+        point_trials = tune(point, c, settings.seed, overrides, runner, out, bar)
         with lock:  # trials.csv lists the finished points in plan order, rewritten as each one finishes
             tuned[point.name] = point_trials
             write_trials([t for p in points for t in tuned.get(p.name, [])], out / "trials.csv")
         return point_trials
 
-    with tqdm(total=len(points) * int(cfg.compare.trials), desc="stage 1/3 tuning (validation)", unit="run") as bar:
+    with tqdm(total=len(points) * c.trials, desc="stage 1/3 tuning (validation)", unit="run") as bar:
         trials = [t for point_trials in in_workers(tune_point, points, workers) for t in point_trials]
 
-    seeds = [int(seed) for seed in cfg.compare.seeds]
-    jobs = [(best, seed) for best in trials if best.best for seed in seeds]
+    jobs = [(best, seed) for best in trials if best.best for seed in c.seeds]
     with tqdm(total=len(jobs), desc="stage 2/3 seeds (test)", unit="run") as bar:
         run_dirs = in_workers(lambda job: seeded_run(*job, overrides, runner, out, bar), jobs, workers)
 
-    control = next(p.summary_method for p in points if p.method == cfg.compare.control)
+    control = next(p.summary_method for p in points if p.method == c.control)
     runs = report.collect_runs(run_dirs, split="test")
     written = report.write_report(runs, out / "report", control=control)
     log.info("stage 3/3 report: %s", ", ".join(str(p.relative_to(out)) for p in written))

@@ -57,22 +57,58 @@ def inject(
     names = find_targets(model, targets, exclude=exclude, layers=layers)
     modules = dict(model.named_modules())
     shapes = {name: linear_shape(modules[name])[:2] for name in names}
+    check_rank(config.r, shapes)
 
-    for param in model.parameters():
-        param.requires_grad_(False)
-    state = adapter_class.state_class(method, config, shapes)
-    state.target_spec = {"targets": targets, "exclude": exclude, "layers": None if layers is None else list(
-        [layers] if isinstance(layers, int) else layers)}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = adapter_class(modules[name], name, config, state)
-        setattr(parent, child, adapter.train(modules[name].training))  # keep the base layer's train/eval mode
-    device = next(iter(modules[names[0]].parameters())).device
-    model.add_module(STATE_ATTR, state.to(device))
+    trained = [param for param in model.parameters() if param.requires_grad]
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, base layer): undone on failure
+    try:
+        for param in trained:
+            param.requires_grad_(False)
+        state = adapter_class.state_class(method, config, shapes)
+        state.target_spec = {"targets": targets, "exclude": exclude, "layers": None if layers is None else list(
+            [layers] if isinstance(layers, int) else layers)}
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            adapter = adapter_class(modules[name], name, config, state)
+            setattr(parent, child, adapter.train(modules[name].training))  # keep the base layer's train/eval mode
+            replaced.append((parent, child, modules[name]))
+        device = next(iter(modules[names[0]].parameters())).device
+        state = state.to(device)
+    except BaseException as err:
+        for parent, child, base_layer in replaced:  # the model as it was
+            setattr(parent, child, base_layer)
+        for param in trained:
+            param.requires_grad_(True)
+        if not out_of_memory(err):
+            raise
+        raise VBShareError(f"{method} adapters with {config.to_dict()} do not fit in memory "
+                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                           "choose smaller hyperparameters (e.g. a lower r) or fewer targets") from None
+    model.add_module(STATE_ATTR, state)
     model.register_forward_pre_hook(_begin_forward)
     model.register_forward_hook(_end_forward, always_call=True)
     return model
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch.OutOfMemoryError (a GPU), or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: not enough memory: you tried to allocate ...")."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in text or "not enough memory" in text or "can't allocate" in text
+        or "you tried to allocate" in text))
+
+
+def check_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, before anything is allocated, a rank no target could use: above the largest target's out × in
+    (the entries of its ΔW), a factorisation expresses nothing more whatever the method, and only allocates.
+    `shapes`: target name -> (out_features, in_features)."""
+    name, (out_features, in_features) = max(shapes.items(), key=lambda item: item[1][0] * item[1][1])
+    if r > out_features * in_features:
+        raise VBShareError(f"r={r} is larger than any target can use: the largest, {name} (out={out_features}, "
+                           f"in={in_features}), has {out_features * in_features} weights; choose r <= "
+                           f"{out_features * in_features}")
 
 
 def merge(model: nn.Module) -> None:

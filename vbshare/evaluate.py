@@ -39,6 +39,7 @@ from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
 from .train.engine import Engine
 from .train.evaluation import format_scores, score_split, write_predictions
 from .train.modes import run_mode
+from .train.settings import read_settings
 from .train.setup import build_task_and_model, keep_trained_in_fp32, set_threads
 
 log = logging.getLogger("vbshare.evaluate")
@@ -100,10 +101,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
     if predictions_path is not None:
         check_outside(Path(predictions_path), run_dir)
     cfg = run_config(run_dir, overrides)
-    engine = Engine(cfg.trainer)
+    trainer = read_settings(cfg).trainer  # the overrides' ranges checked, as a training run checks them
+    engine = Engine(trainer)
     try:
         if engine.device.type == "cpu":
-            set_threads(cfg.trainer.num_threads)
+            set_threads(trainer.num_threads)
         task, model, tokenizer, data = build_task_and_model(cfg)
         if split not in data or not len(data[split]):
             raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
@@ -114,7 +116,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         mode.train_heads(model)
         keep_trained_in_fp32(model, engine.precision)
         model = mode.load_outputs(model, run_dir, check_base=check_base).to(engine.device)
-        scores, rows = score_split(model, task, data[split], engine, cfg.trainer.eval_batch_size,
+        scores, rows = score_split(model, task, data[split], engine, trainer.eval_batch_size,
                                    tokenizer.pad_token_id or 0)
         is_main = engine.is_main
     finally:

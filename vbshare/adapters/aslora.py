@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from ..errors import VBShareError
 from ..files import atomic_write
 from ..targets import layer_index, module_role, role_key
-from .base import AdapterConfig, AdapterState, LowRankAdapter, state_of
+from ..checks import integer, number
+from .base import AdapterConfig, AdapterState, LowRankAdapter, check_alpha, state_of
 
 METADATA_VERSION = 1
 
@@ -80,16 +81,14 @@ class ASLoRAConfig(AdapterConfig):
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise VBShareError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not isinstance(self.merge_start, int) or self.merge_start < 0:
-            raise VBShareError(f"merge_start must be a non-negative integer, got {self.merge_start!r}")
-        if not isinstance(self.merge_every, int) or self.merge_every < 1:
-            raise VBShareError(f"merge_every must be a positive integer, got {self.merge_every!r}")
-        if self.max_merges is not None and (not isinstance(self.max_merges, int) or self.max_merges < 0):
-            raise VBShareError(f"max_merges must be a non-negative integer or None, got {self.max_merges!r}")
-        if self.share_ratio is not None and not 0.0 <= self.share_ratio <= 1.0:
-            raise VBShareError(f"share_ratio must be in [0, 1] or None, got {self.share_ratio!r}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise VBShareError(f"alpha must be positive or None, got {self.alpha!r}")
+        integer("merge_start", self.merge_start, low=0, allowed="a non-negative integer")
+        integer("merge_every", self.merge_every, low=1)
+        integer("max_merges", self.max_merges, low=0, null=True, allowed="a non-negative integer or None")
+        number("share_ratio", self.share_ratio, 0, 1, null=True, allowed="in [0, 1] or None")
+        check_alpha(self.alpha)
+        integer("seed", self.seed)
+        if self.history_path is not None and not isinstance(self.history_path, (str, os.PathLike)):
+            raise VBShareError(f"history_path must be a file path or None, got {self.history_path!r}")
 
     @property
     def scale(self) -> float:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import integer, number
 from ..errors import VBShareError
 from ..targets import linear_shape
 
@@ -41,6 +42,11 @@ def derived_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
+def check_alpha(alpha: Any) -> None:
+    """alpha, for the scale s = alpha / r: a finite number > 0, or None (alpha = r, so s = 1)."""
+    number("alpha", alpha, 0, low_open=True, null=True, allowed="positive (a finite number > 0) or None")
+
+
 @dataclass
 class AdapterConfig:
     """Hyperparameters shared by every method. Subclasses add their own fields (with defaults)."""
@@ -49,10 +55,10 @@ class AdapterConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise VBShareError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise VBShareError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        """Every hyperparameter's type and range, one VBShareError line for the first bad one (subclasses
+        call this first, then check their own fields)."""
+        integer("r", self.r, low=1)
+        number("dropout", self.dropout, 0, 1, high_open=True, allowed="in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..checks import boolean, is_integer, number
 from ..errors import VBShareError
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from .base import AdapterConfig, AdapterState, LowRankAdapter, check_alpha
 
 
 def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
@@ -33,9 +34,16 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        check_alpha(self.alpha)
+        boolean("rslora", self.rslora)
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, key), dict):
+                raise VBShareError(f"{key} must be a mapping module name -> value, got {getattr(self, key)!r}")
+        bad = {k: v for k, v in self.rank_pattern.items() if not is_integer(v) or v < 1}
         if bad:
             raise VBShareError(f"rank_pattern ranks must be positive integers, got {bad}")
+        for name, alpha in self.alpha_pattern.items():
+            number(f"alpha_pattern[{name!r}]", alpha, 0, low_open=True)
 
     def rank_for(self, name: str) -> int:
         return int(pattern_value(self.rank_pattern, name, self.r))

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VBShareError
-from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
+from ..checks import integer
+from .base import AdapterConfig, AdapterState, LowRankAdapter, check_alpha, derived_seed
 
 
 @dataclass
@@ -54,10 +55,8 @@ class NOLAConfig(AdapterConfig):
         for key, value in (("num_basis_a", self.num_basis_a), ("num_basis_b", self.num_basis_l)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise VBShareError(f"{key} must be a positive integer, got {value!r}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise VBShareError(f"alpha must be positive or None, got {self.alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise VBShareError(f"seed must be an integer, got {self.seed!r}")
+        check_alpha(self.alpha)
+        integer("seed", self.seed)
         if not isinstance(self.cache_bases, bool):
             raise VBShareError(f"cache_bases must be true or false, got {self.cache_bases!r}")
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..errors import VBShareError
 from ..files import atomic_write
 from ..records import read_jsonl
-from .base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, state_of
+from .base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, check_alpha, state_of
 from .lora import LoRA, LoRAConfig
 
 THRESHOLDS = ("lr_lambda", "constant")
@@ -109,13 +109,14 @@ class SoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_alpha(self.alpha)
         if self.gate_init not in GATE_INITS:
             raise VBShareError(f"gate_init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")
         if self.threshold not in THRESHOLDS:
             raise VBShareError(f"threshold must be one of {', '.join(THRESHOLDS)}, got {self.threshold!r}")
         for key in ("lam", "l1"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise VBShareError(f"{key} must be a finite number >= 0, got {value!r}")
 
     @property

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from ..targets import module_role, role_key
-from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
+from ..checks import integer
+from .base import AdapterConfig, AdapterState, LowRankAdapter, check_alpha, derived_seed
 
 FACTORS = ("A", "B", "u", "v")  # what `train` may name, in this canonical order
 KAIMING_A = math.sqrt(5)  # nn.Linear's (and LoRA's) kaiming_uniform slope: bound = 1/√fan_in
@@ -58,10 +59,8 @@ class TiedLoRAConfig(AdapterConfig):
                 f"train must name each of A, B, u, v at most once and at least one of them, got {list(self.train)!r}"
             )
         self.train = [t for t in FACTORS if t in self.train]  # canonical order, so equal choices compare equal
-        if self.alpha is not None and self.alpha <= 0:
-            raise VBShareError(f"alpha must be positive or None, got {self.alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise VBShareError(f"seed must be an integer, got {self.seed!r}")
+        check_alpha(self.alpha)
+        integer("seed", self.seed)
 
     @property
     def scale(self) -> float:

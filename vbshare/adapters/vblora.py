@@ -17,6 +17,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from ..errors import VBShareError
+from ..checks import integer, number
 from .base import AdapterConfig, AdapterState, LowRankAdapter
 
 
@@ -34,9 +35,10 @@ class VBLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         for key in ("num_vectors", "vector_length", "topk"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise VBShareError(f"{key} must be a positive integer, got {value!r}")
+            integer(key, getattr(self, key), low=1)
+        for key in ("init_logits_std", "init_bank_bound"):
+            number(key, getattr(self, key), low=0)
+        number("scale", self.scale)
         if self.topk > self.num_vectors:
             raise VBShareError(
                 f"topk={self.topk} exceeds num_vectors={self.num_vectors}; choose topk <= num_vectors"

@@ -19,6 +19,7 @@ at the end of the current step, prints one line with the command that continues,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
@@ -29,13 +30,14 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
-from ..errors import VBShareError
+from ..errors import VBShareError, WriteError
 from . import checkpoints, folders, interrupt
-from .loop import train
+from .loop import Diverged, train
 from .outputs import save_outputs
 from .setup import setup
 from .sparsify import sparsify_stages
@@ -68,7 +70,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     with folders.claim(cfg, run_dir), interrupt.catch_stop_signals(), warnings.catch_warnings():
         for message in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        return _train(cfg, Path(run_dir), started)
+        try:
+            return _train(cfg, Path(run_dir), started)
+        except WriteError as err:  # disk full, permission denied: every write is atomic, so nothing is torn
+            raise VBShareError(f"{err}; then {continuation(cfg, Path(run_dir))}") from err
+
+
+def continuation(cfg: DictConfig, run_dir: Path) -> str:
+    """What continues a run that stopped: a resumption from its checkpoint when it has one."""
+    folder = Path(cfg.trainer.resume) if cfg.trainer.resume else run_dir
+    try:
+        checkpoints.find_checkpoint(folder)
+    except VBShareError:
+        return "run it again"
+    return f"continue with trainer.resume={folder} (its last checkpoint is intact)"
 
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any] | None:
@@ -106,6 +121,11 @@ def objective(summary: dict[str, Any] | None) -> float | None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
+    except Diverged as diverged:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one job of a sweep: a failed trial, the sweep goes on
+            log.error("error: %s", diverged)
+            return math.nan
+        exit_with(diverged)
     except USER_ERRORS as err:  # report here: past this point Hydra adds its own "Error executing job" line
         exit_with(err)
     except interrupt.TrainingInterrupted as stop:

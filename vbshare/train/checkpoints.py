@@ -97,6 +97,7 @@ def save_checkpoint(run: "Run") -> None:
         "train_seconds": run.train_seconds,
         "wall_seconds": run.wall_seconds(),
         "logger_id": run.logger_id,
+        "skipped_steps": run.skipped_steps,
         "config": comparable_config(run.cfg),
     }, tmp / TRAINER_STATE)
     shutil.rmtree(old, ignore_errors=True)
@@ -122,6 +123,7 @@ def restore_trainer_state(run: "Run", state: dict[str, Any]) -> None:
     set_rng_states(state["rng"])
     run.step, run.best = state["step"], state["best"]
     run.train_seconds, run.logger_id = state["train_seconds"], state["logger_id"]
+    run.skipped_steps = state["skipped_steps"]
     run.earlier_wall_seconds = state.get("wall_seconds", 0.0)
     metrics = run.run_dir / "metrics.jsonl"
     if metrics.is_file() and run.is_main:  # drop what the interrupted run logged after its last checkpoint

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object, is_torch_version
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,12 +39,13 @@ import vbshare
 
 from ..adapters import AdapterState
 from ..errors import VBShareError
+from .settings import TrainerSettings
 from .step import optimised_parameters
 
 log = logging.getLogger("vbshare.train")
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # trainer.precision -> Accelerate's name
-STRATEGIES = ("ddp", "fsdp")
+# trainer.precision (one of settings.PRECISIONS) -> Accelerate's name
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FSDP2_TORCH = "2.7.0"  # fully_shard over a list of modules, with ignored_params
 
 
@@ -68,25 +68,23 @@ class Engine:
             single fp32 process).
     """
 
-    def __init__(self, trainer: DictConfig):
-        precision = trainer.get("precision", "fp32")
-        if precision not in PRECISIONS:
-            raise VBShareError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.strategy = trainer.get("strategy", "ddp")
-        if self.strategy not in STRATEGIES:
-            raise VBShareError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+    def __init__(self, trainer: TrainerSettings):
+        """`trainer`: the checked trainer settings (`read_settings(cfg).trainer`): device, precision, strategy,
+        compile."""
+        precision = trainer.precision
+        self.strategy = trainer.strategy
         cpu = use_cpu(trainer.device)
         if precision == "fp16" and cpu:  # Accelerate would silently train in fp32
             raise VBShareError("trainer.precision=fp16 needs a CUDA device (its gradient scaler runs on GPUs); "
                                "use trainer.precision=bf16 on CPU")
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if launched not in ("no", PRECISIONS[precision]):  # `accelerate launch --mixed_precision ...`
+        if launched not in ("no", ACCELERATE_PRECISION[precision]):  # `accelerate launch --mixed_precision ...`
             raise VBShareError(f"accelerate launch --mixed_precision={launched} disagrees with trainer.precision={precision}; "
                                "set the precision with trainer.precision and launch without --mixed_precision")
         reset_accelerate_state()
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=PRECISIONS[precision])
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=ACCELERATE_PRECISION[precision])
         self.precision = precision
-        self.compile = bool(trainer.get("compile", False))
+        self.compile = trainer.compile
         self.model: nn.Module | None = None
         self.wrapped: nn.Module | None = None
         self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, when there is one
@@ -187,7 +185,19 @@ class Engine:
         self.accelerator.backward(loss)
 
     def clip_grad_norm_(self, parameters: list[Tensor], max_norm: float) -> Tensor:
+        """The global gradient norm (of the unscaled gradients under fp16), after clipping to `max_norm`."""
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    @property
+    def scales_gradients(self) -> bool:
+        """fp16's gradient scaler is on: a step with infinite gradients is normal, the scaler skips it itself."""
+        return self.accelerator.scaler is not None
+
+    def skip_update(self) -> None:
+        """Close a step whose update was dropped (its gradients cleared, no `optimizer.step()`): under fp16 the
+        gradient scaler still ends the step (the unscaling `clip_grad_norm_` did is recorded until then)."""
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward-pass precision (`trainer.precision`); fp32 does nothing."""
@@ -244,18 +254,16 @@ class Engine:
 
 
 def use_cpu(device: str) -> bool:
-    """trainer.device: auto (a GPU when there is one) | cpu | cuda | cuda:N."""
+    """trainer.device (checked by the settings): auto (a GPU when there is one) | cpu | cuda | cuda:N."""
     if device == "auto":
         return not torch.cuda.is_available()
     if device == "cpu":
         return True
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise VBShareError(f"trainer.device={device} but no CUDA device is available; use trainer.device=cpu")
-        if ":" in device:  # one process on a chosen GPU; launched processes take theirs from LOCAL_RANK
-            torch.cuda.set_device(torch.device(device))
-        return False
-    raise VBShareError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():  # cuda or cuda:N
+        raise VBShareError(f"trainer.device={device} but no CUDA device is available; use trainer.device=cpu")
+    if ":" in device:  # one process on a chosen GPU; launched processes take theirs from LOCAL_RANK
+        torch.cuda.set_device(torch.device(device))
+    return False
 
 
 # -- FSDP -----------------------------------------------------------------------------------------------------

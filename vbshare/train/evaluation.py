@@ -93,7 +93,7 @@ def evaluate(run: "Run", split: str) -> dict[str, float]:
 
 
 def evaluate_with_predictions(run: "Run", split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    return score_split(run.model, run.task, run.data[split], run.engine, run.cfg.trainer.eval_batch_size, run.pad_id)
+    return score_split(run.model, run.task, run.data[split], run.engine, run.settings.trainer.eval_batch_size, run.pad_id)
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import vbshare
 
-from ..files import atomic_torch_save, atomic_write
+from ..files import atomic_torch_save, atomic_write, writing
 from ..errors import VBShareError
 from ..registry import METHODS
 
@@ -60,6 +60,7 @@ class RunMode:
     """What trains in a run and what it leaves behind (the base class trains nothing by itself)."""
 
     name = ""
+    lr_key = "adapter.lr"  # the setting that gives this mode's learning rates
 
     def __init__(self, cfg: DictConfig, head_modules: list[str]):
         self.cfg, self.head_modules = cfg, head_modules
@@ -172,6 +173,7 @@ class FullFinetune(RunMode):
     """Every weight trains (no adapter, or `+adapter=full`): the upper baseline."""
 
     name = FULL_FINETUNE
+    lr_key = "optim.full_finetune_lr"
 
     def prepare(self, model: nn.Module) -> None:
         if self.cfg.get("adapter") is None:
@@ -191,7 +193,8 @@ class FullFinetune(RunMode):
         return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        model.save_pretrained(str(run_dir / FULL_MODEL))
+        with writing(run_dir / FULL_MODEL):  # a full disk: one line naming the file
+            model.save_pretrained(str(run_dir / FULL_MODEL))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"method": self.name, "hyperparameters": {"lr": self.cfg.optim.full_finetune_lr},
                 "trainable_parameters": trainable, "head_parameters": 0, "stored_parameters": trainable,

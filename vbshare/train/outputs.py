@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..files import atomic_write
+from ..checks import refuse_nonfinite
+from ..files import append_text, atomic_write
 from .evaluation import evaluate, evaluate_with_predictions, format_scores, write_predictions
 
 if TYPE_CHECKING:
@@ -28,8 +29,7 @@ def write_metrics(run: "Run", record: dict[str, Any]) -> None:
     if not run.is_main:
         return
     run.history.append(record)
-    with (run.run_dir / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_text(run.run_dir / "metrics.jsonl", json.dumps(record) + "\n")
     prefix = record.get("split", "train")
     run.logger.log({f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
 
@@ -56,7 +56,10 @@ def final_scores(run: "Run") -> tuple[dict[str, dict[str, float]], list[dict[str
 
 def save_outputs(run: "Run") -> dict[str, Any] | None:
     """Final evaluation (every process takes part), then on rank 0 the trained weights, predictions.jsonl
-    (the test split's, when scored) and summary.json; returns the summary (None on the other processes)."""
+    (the test split's, when scored) and summary.json; returns the summary (None on the other processes).
+    Trained tensors holding NaN or infinity are refused before anything is evaluated or written."""
+    trained = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
+    refuse_nonfinite(trained, f"the results of {run.run_dir}")  # every process: their tensors are identical
     final, predictions = final_scores(run)
     if not run.is_main:
         return None
@@ -90,7 +93,8 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
         "device": str(engine.device),
         "world_size": engine.num_processes,
         "precision": engine.precision,
-        "grad_accum_steps": cfg.trainer.get("grad_accum_steps", 1),
+        "grad_accum_steps": run.settings.trainer.grad_accum_steps,
+        "skipped_steps": run.skipped_steps,  # updates dropped for a non-finite loss or gradient (trainer.nonfinite)
     }
     if run.sparsify is not None:  # trainer.sparsify: one line of numbers per stage (the method's stage file has more)
         summary["sparsify"] = run.sparsify

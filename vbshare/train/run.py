@@ -13,6 +13,7 @@ from torch import nn
 from ..data.tasks import Encoded, Task
 from .engine import Engine
 from .modes import RunMode
+from .settings import Settings
 
 
 @dataclass
@@ -29,7 +30,9 @@ class Run:
     engine: Engine
     mode: RunMode
     logger: Any
+    settings: Settings  # cfg's settings, checked (read_settings): what the loop reads
     step: int = 0  # optimiser steps completed
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss or gradient (trainer.nonfinite=skip_step)
     best: dict[str, Any] | None = None  # {"step", "split", metric: value}
     train_seconds: float = 0.0  # summed over resumptions
     earlier_wall_seconds: float = 0.0  # wall time of the segments before this resumption (up to their checkpoint)
@@ -60,4 +63,4 @@ class Run:
     def eval_splits(self) -> list[str]:
         """Splits evaluated at the end: the task's, without test when trainer.eval_test is false."""
         splits = self.task.eval_splits
-        return splits if self.cfg.trainer.get("eval_test", True) else [s for s in splits if s != "test"]
+        return splits if self.settings.trainer.eval_test else [s for s in splits if s != "test"]

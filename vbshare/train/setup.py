@@ -27,6 +27,7 @@ from .engine import Engine
 from .loggers import NullLogger
 from .modes import RunMode, run_mode
 from .run import Run
+from .settings import TrainerSettings, read_settings
 
 log = logging.getLogger("vbshare.train")
 
@@ -42,15 +43,14 @@ def usable_cores() -> int:
 
 
 def set_threads(setting: int | str | None) -> int:
-    """CPU threads for torch. "auto": one per core this process may run on (`usable_cores`); a number as
-    given; None leaves torch's default. The load average is not consulted: cores waiting on I/O count in it
-    although they are free to compute. On a machine shared with other jobs, set a number."""
+    """CPU threads for torch (trainer.num_threads, checked by the settings). "auto": one per core this process
+    may run on (`usable_cores`); a number as given; None leaves torch's default. The load average is not
+    consulted: cores waiting on I/O count in it although they are free to compute. On a machine shared with
+    other jobs, set a number."""
     if setting is None:
         return torch.get_num_threads()
     if setting == "auto":
         setting = usable_cores()
-    if not isinstance(setting, int) or setting < 1:
-        raise VBShareError(f"trainer.num_threads must be a positive integer, auto or null, got {setting!r}")
     torch.set_num_threads(setting)
     return setting
 
@@ -68,11 +68,10 @@ def no_loading_bars() -> Iterator[None]:
 
 
 def set_dropout(model: nn.Module, p: float | None) -> None:
-    """trainer.dropout: None keeps the model's own rates; a number sets every nn.Dropout's p (0 turns it off)."""
+    """trainer.dropout (in [0, 1), checked by the settings): None keeps the model's own rates; a number sets
+    every nn.Dropout's p (0 turns it off)."""
     if p is None:
         return
-    if not 0.0 <= float(p) < 1.0:
-        raise VBShareError(f"trainer.dropout must be null or in [0, 1), got {p!r}")
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = float(p)
@@ -104,11 +103,9 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
 
-def check_batch(trainer: DictConfig, engine: Engine) -> None:
+def check_batch(trainer: TrainerSettings, engine: Engine) -> None:
     """The global batch must split evenly into processes × micro-batches."""
-    accum = trainer.get("grad_accum_steps", 1)
-    if not isinstance(accum, int) or accum < 1:
-        raise VBShareError(f"trainer.grad_accum_steps must be a positive integer, got {accum!r}")
+    accum = trainer.grad_accum_steps
     if trainer.batch_size % (engine.num_processes * accum):
         raise VBShareError(
             f"trainer.batch_size={trainer.batch_size} (the global batch) must be divisible by the number of "
@@ -116,10 +113,9 @@ def check_batch(trainer: DictConfig, engine: Engine) -> None:
 
 
 def check_snapshots(every: int | None, mode: RunMode) -> None:
+    """trainer.snapshot_every keeps adapter snapshots: only a run that trains an adapter has them."""
     if every is None:
         return
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise VBShareError(f"trainer.snapshot_every must be a positive integer or null, got {every!r}")
     if not mode.snapshots:
         raise VBShareError("trainer.snapshot_every keeps adapter snapshots and this run trains no adapter; "
                            "set trainer.snapshot_every=null")
@@ -135,8 +131,10 @@ def build_task_and_model(cfg: DictConfig) -> tuple[Task, nn.Module, Any, dict[st
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
-    """Build engine, task, model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
-    t = cfg.trainer
+    """Check the settings (`read_settings`: every range, before anything starts), then build engine, task,
+    model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
+    settings = read_settings(cfg)
+    t = settings.trainer
     resume_dir = Path(t.resume) if t.resume else None
     if resume_dir is not None:
         checkpoints.check_resumable(resume_dir, cfg)
@@ -151,14 +149,14 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         logging.getLogger("vbshare").setLevel(logging.WARNING)  # rank 0 alone logs
     if engine.distributed:
         log.info("data-parallel (%s): %d processes (%s); global batch %d, %d per process per step",
-                 t.get("strategy", "ddp"), engine.num_processes, engine.backend, t.batch_size,
+                 t.strategy, engine.num_processes, engine.backend, t.batch_size,
                  t.batch_size // engine.num_processes)
     threads = set_threads(t.num_threads) if engine.device.type == "cpu" else None
     log.info("device %s%s, precision %s", engine.device, f" ({threads} threads)" if threads else "", engine.precision)
-    set_seed(cfg.seed)
+    set_seed(settings.seed)
 
     task, model, tokenizer, data = build_task_and_model(cfg)
-    set_dropout(model, t.get("dropout"))
+    set_dropout(model, t.dropout)
     if len(data["train"]) < t.batch_size:
         raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
                            f"{t.batch_size}; use a smaller trainer.batch_size")
@@ -167,21 +165,22 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
              "blocks" if task.kind == "lm" else "examples")
 
     mode = run_mode(cfg, task.kind)
-    check_snapshots(t.get("snapshot_every"), mode)
+    check_snapshots(t.snapshot_every, mode)
     mode.prepare(model)
     keep_trained_in_fp32(model, engine.precision)
-    if t.get("activation_checkpointing", False):
+    if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     saved_state = checkpoints.load_weights(run_dir, mode, model) if resume_dir is not None else None
 
     engine.wrap(model)
     optimizer = build_optimizer(cfg, mode, model)
     logger = instantiate(cfg.logger) if engine.is_main else NullLogger()
-    run = Run(cfg, run_dir, task, data, model, tokenizer, engine.prepare_optimizer(optimizer), engine, mode, logger)
+    run = Run(cfg, run_dir, task, data, model, tokenizer, engine.prepare_optimizer(optimizer), engine, mode, logger,
+              settings=settings)
     if saved_state is not None:
         checkpoints.restore_trainer_state(run, saved_state)
     if engine.process_index > 0:  # its own dropout stream (process 0 keeps the single-process one); init is done
-        torch.manual_seed(cfg.seed * DATA_ORDER_SEED_STRIDE + RANK_SEED_STRIDE * engine.process_index + run.step)
+        torch.manual_seed(settings.seed * DATA_ORDER_SEED_STRIDE + RANK_SEED_STRIDE * engine.process_index + run.step)
     return run
 
 

@@ -29,48 +29,36 @@ from tqdm.auto import tqdm
 
 import vbshare
 
+from ..checks import is_integer
 from ..data.tasks import Encoded
 from ..errors import VBShareError
 from .evaluation import evaluate, format_scores
-from .loop import micro_losses
-from .modes import to_python
+from .loop import finite_or_none, take_step
 from .outputs import write_metrics
-from .step import train_step
+from .settings import SparsifySettings
 
 if TYPE_CHECKING:
     from .run import Run
 
 log = logging.getLogger("vbshare.train")
 
-# Keys of trainer.sparsify that the app reads; every other key is the method's schedule (its sparsifier checks them).
-APP_KEYS = ("lr_factor", "memorise_examples", "snapshots")
 MEMORISE_SPLIT = "sparsify_memorise"  # the fixed training subset, added to run.data during the stages only
 SNAPSHOTS = "snapshots"
 STAGE_SPLIT = "sparsify_stage"  # metrics.jsonl rows of the stage records
 
 
 def sparsify_stages(run: "Run") -> Callable[[], None] | None:
-    """Check `trainer.sparsify` before any training step; returns the stages to run after the dense training
-    (None when the block is not set). Refuses a run without an adapter, or whose method has no sparsity knob."""
-    spec = to_python(run.cfg.trainer.get("sparsify"))
+    """Check `trainer.sparsify` against the model before any training step (its keys' ranges are checked with
+    the other settings); returns the stages to run after the dense training (None when the block is not set).
+    Refuses a run without an adapter, or whose method has no sparsity knob."""
+    spec = run.settings.trainer.sparsify
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        raise VBShareError(f"trainer.sparsify must be a block of keys (+trainer/sparsify=default) or null, got {spec!r}")
-    if "dense_steps" in spec:
-        raise VBShareError("trainer.sparsify.dense_steps is not a key here: the dense stage is the normal training, "
-                           "trainer.max_steps")
     state = vbshare.state_of(run.model, required=False)
     if state is None:
         raise VBShareError("trainer.sparsify needs an adapter with a sparsity knob; this run trains no adapter "
                            "(add +adapter=<method>) or drop trainer.sparsify")
-    lr_factor, memorise = spec.get("lr_factor", 1.0), spec.get("memorise_examples")
-    if not isinstance(lr_factor, (int, float)) or not lr_factor > 0:
-        raise VBShareError(f"trainer.sparsify.lr_factor must be a number > 0, got {lr_factor!r}")
-    if not isinstance(memorise, int) or memorise < 1:
-        raise VBShareError(f"trainer.sparsify.memorise_examples must be a positive integer, got {memorise!r}")
-    schedule = {k: v for k, v in spec.items() if k not in APP_KEYS}
-    runner = state.sparsifier(run.model, {**schedule, "dense_steps": 0})  # the dense stage is already trained
+    runner = state.sparsifier(run.model, {**spec.schedule, "dense_steps": 0})  # the dense stage is already trained
     return lambda: _run_stages(run, runner, spec)
 
 
@@ -94,34 +82,29 @@ def flat_record(record: dict[str, Any], metric: str) -> dict[str, Any]:
     return flat
 
 
-def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: dict[str, Any]) -> None:
-    t, engine, metric = run.cfg.trainer, run.engine, run.task.metric
-    lr_factor, take_snapshots = float(spec.get("lr_factor", 1.0)), bool(spec.get("snapshots", False))
+def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: SparsifySettings) -> None:
+    t, engine, metric = run.settings.trainer, run.engine, run.task.metric
     held_out = "validation" if "validation" in run.data else run.task.eval_splits[0]
-    run.data[MEMORISE_SPLIT] = first_examples(run.data["train"], spec["memorise_examples"])
-    planned = spec.get("num_stages", 0) * spec.get("stage_steps", 0)
-    bar = tqdm(total=planned or None, disable=not (t.progress_bar and run.is_main), dynamic_ncols=True,
+    run.data[MEMORISE_SPLIT] = first_examples(run.data["train"], spec.memorise_examples)
+    stages, stage_steps = spec.schedule.get("num_stages"), spec.schedule.get("stage_steps")
+    planned = stages * stage_steps if is_integer(stages) and is_integer(stage_steps) else None  # the bar's length
+    bar = tqdm(total=planned, disable=not (t.progress_bar and run.is_main), dynamic_ncols=True,
                unit="step", desc="sparsify")
     started = time.perf_counter()
 
     def train_steps(n_steps: int, knob: float) -> None:
         """n more optimiser steps at the constant stage learning rate, logged like the loop's."""
         for group in run.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor
+            group["lr"] = group["base_lr"] * spec.lr_factor
         engine.wrapped.train()
         for _ in range(n_steps):
-            stats = train_step(run.model, run.optimizer, micro_losses(run, run.step), run.step + 1,
-                               engine=engine, grad_clip=run.cfg.optim.grad_clip)
-            run.step += 1
-            if stats.parameters_changed:
-                run.optimizer = engine.rewrap(run.optimizer)
-                engine.wrapped.train()
+            stats = take_step(run)
             bar.update(1)
             if run.step % t.log_every == 0:
-                loss = engine.sum_over_processes(stats.loss).item()
+                loss = finite_or_none(engine.sum_over_processes(stats.loss).item())
                 write_metrics(run, {"step": run.step, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
                                     "sparsity": knob})
-                bar.set_postfix(loss=f"{loss:.4f}", knob=f"{knob:.3g}")
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skipped", knob=f"{knob:.3g}")
 
     def score(split: str) -> dict[str, float]:
         """"train": the fixed training subset; otherwise the held-out split. The task metric comes first."""
@@ -133,7 +116,7 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: d
         write_metrics(run, {"step": run.step, "split": STAGE_SPLIT, **{k: v for k, v in flat.items() if k != "step"}})
         log.info("sparsify stage %s: %s", record.get("stage"), format_scores(
             {k: v for k, v in flat.items() if k not in ("stage", "steps", "total_steps")}))
-        if not take_snapshots:
+        if not spec.snapshots:
             return
         engine.reshard()  # every process, before rank 0 alone reads the weights (as before a checkpoint)
         if run.is_main:
