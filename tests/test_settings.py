@@ -467,6 +467,25 @@ def test_cli_compare_unwritable_folder_is_one_line(tmp_path, monkeypatch, capsys
     status, lines = cli(compare_app.main, [*FAST, "compare.methods=[lora]", "compare.trials=1", "compare.seeds=1",
                                            "compare.isolate=false", f"compare.out={out}"], monkeypatch, capsys)
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]  # the rest: progress bars
+    # the first write is the folder's owner record, taken before Hydra writes there (one writer per folder)
+    assert status == 2 and errors == lines[-1:] == [
+        f"error: cannot write {out}/.writer.json: Permission denied; make the folder writable for you, or write "
+        "elsewhere"]
+
+
+def test_compare_write_failure_mid_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def denied_after_the_owner_record(fd):  # the owner record is written first, then the first run's request
+        calls.append(fd)
+        if len(calls) > 1:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "fsync", denied_after_the_owner_record)
+    out = tmp_path / "cmp"
+    status, lines = cli(compare_app.main, [*FAST, "compare.methods=[lora]", "compare.trials=1", "compare.seeds=1",
+                                           "compare.isolate=false", f"compare.out={out}"], monkeypatch, capsys)
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
     assert status == 2 and errors == lines[-1:] == [
         f"error: cannot write {out}/stage1/lora/trial_000/request.json: Permission denied; make the folder writable "
         f"for you, or write elsewhere; then run the comparison again with compare.out={out}: finished runs are reused"]

@@ -67,13 +67,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     The run's folder is held while it runs (one writer per folder) and a fresh run refuses one holding another run.
     """
     started = time.perf_counter()
-    with folders.claim(cfg, run_dir), interrupt.catch_stop_signals(), warnings.catch_warnings():
-        for message in KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        try:
+    try:
+        with folders.claim(cfg, run_dir), interrupt.catch_stop_signals(), warnings.catch_warnings():
+            for message in KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
             return _train(cfg, Path(run_dir), started)
-        except WriteError as err:  # disk full, permission denied: every write is atomic, so nothing is torn
-            raise VBShareError(f"{err}; then {continuation(cfg, Path(run_dir))}") from err
+    except WriteError as err:  # disk full, permission denied: every write is atomic, so nothing is torn
+        raise VBShareError(f"{err}; then {continuation(cfg, Path(run_dir))}") from err
 
 
 def continuation(cfg: DictConfig, run_dir: Path) -> str:
