@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -239,6 +240,75 @@ def unilora_stored(model) -> float:
     assert not config.save_indices, "this formula counts the indices as rebuilt, not saved"
     return config.theta_d_length
 
+
+def loraxs_reference(adapter) -> torch.Tensor:
+    """ΔW = (α/r)·U_r R Σ_r V_rᵀ (docs/methods.md §13) from a numpy float64 SVD of the base weight read directly
+    (a Conv1D's stored (in, out) weight transposed to (out, in)), each singular pair signed so that u_i's
+    largest-magnitude entry (the first on a tie) is positive, summed one term R[i, k]·σ_k·u_i v_kᵀ at a time."""
+    config = adapter.state.config
+    weight = adapter.base_layer.weight.detach().double().numpy()
+    weight = weight.T if adapter.fan_in_fan_out else weight  # (out, in)
+    U, S, Vt = np.linalg.svd(weight, full_matrices=False)
+    for i in range(config.r):
+        if U[np.argmax(np.abs(U[:, i])), i] < 0:
+            U[:, i], Vt[i] = -U[:, i], -Vt[i]
+    R = adapter.R.detach().double().numpy()  # (r, r)
+    delta = np.zeros_like(weight)
+    for i in range(config.r):
+        for k in range(config.r):
+            delta += R[i, k] * S[k] * np.outer(U[:, i], Vt[k])
+    return torch.from_numpy((config.alpha / config.r) * delta)
+
+
+def mos_reference(adapter) -> torch.Tensor:
+    """Rebuild the module's index tables by the documented rule (docs/methods.md §14) and its A and B shard by
+    shard: the module is number i of the L targets of its role; the first P = (e−p)·L·l pool rows are public and
+    rows P + [i·p·l, (i+1)·p·l) its private ones; each factor's table is the (r−p)·l public rows with the
+    smallest keys SHA-256("<seed>/<name>/<A|B>/<row>")[:8] (little-endian, top bit cleared), then the private
+    rows; rank vector j concatenates the rows at table positions j·l … j·l+l−1. ΔW = (α/r)·B A."""
+    state, config = adapter.state, adapter.state.config
+    role_of = lambda name: re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+    role = role_of(adapter.name)
+    names = [n for n in state.targets if role_of(n) == role]
+    i, L = names.index(adapter.name), len(names)
+    r, e, p, l = config.r, config.equivalent_rank, config.private_rank, config.shards_per_vector
+    public = (e - p) * L * l
+
+    def key(row: int, factor: str) -> int:
+        digest = hashlib.sha256(f"{config.seed}/{adapter.name}/{factor}/{row}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+    def table(factor: str) -> list[int]:
+        chosen = sorted(range(public), key=lambda row: key(row, factor))[: (r - p) * l]
+        return chosen + list(range(public + i * p * l, public + (i + 1) * p * l))
+
+    tensors = state.state_dict()
+    group = re.sub(r"[^0-9A-Za-z_]", "_", role.replace("*", "N"))
+    pool_A, pool_B = tensors[f"pool_A_{group}"].double(), tensors[f"pool_B_{group}"].double()  # (N, in/l), (N, out/l)
+    d_in, d_out = pool_A.shape[1], pool_B.shape[1]
+    idx_A, idx_B = table("A"), table("B")
+    A = torch.zeros(r, adapter.in_features, dtype=torch.float64)
+    B = torch.zeros(adapter.out_features, r, dtype=torch.float64)
+    for j in range(r):
+        for t in range(l):
+            A[j, t * d_in:(t + 1) * d_in] = pool_A[idx_A[j * l + t]]
+            B[t * d_out:(t + 1) * d_out, j] = pool_B[idx_B[j * l + t]]
+    return (config.alpha / r) * B @ A
+
+
+def loraxs_stored(model) -> float:
+    """Σ r² over modules: only R; the SVD factors are recomputed from the base (save_factors off)."""
+    state = model.vbshare
+    assert not state.config.save_factors, "this formula counts the factors as recomputed, not saved"
+    return len(state.targets) * state.config.r ** 2
+
+
+def mos_stored(model) -> float:
+    """e · Σ (in + out): the pools, which hold the parameters of a rank-e LoRA; the index tables come from the seed."""
+    state = model.vbshare
+    return state.config.equivalent_rank * sum(out + inp for out, inp in state.targets.values())
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference, lora_stored),
     "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference,
@@ -260,4 +330,10 @@ CASES: dict[str, Case] = {
     # extra reads are exercised; the wider init moves BERT's LayerNorm'd output measurably in 3 steps
     "unilora": Case("unilora", {"r": 2, "theta_d_length": 1000, "proj_seed": 5, "init_theta_d_bound": 0.1},
                     unilora_reference, unilora_stored),
+    # the tiny models' random weights have singular values ~0.3, so ΔW = s·U R Σ Vᵀ moves slowly: a large α
+    "loraxs": Case("loraxs", {"r": 4, "alpha": 64}, loraxs_reference, loraxs_stored),
+    # r = e with one private rank: the TwoLinear roles (one module each) can still fill r; the 2-layer models' modules
+    # each draw 3·2 of their role's 12 public shards, A and B independently
+    "mos": Case("mos", {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2, "seed": 3},
+                mos_reference, mos_stored),
 }

@@ -98,15 +98,17 @@ def test_vblora_notebook_on_a_given_run_directory(tmp_path):
 
 
 def test_demo_sweep_defaults_to_every_registered_method(tmp_path, monkeypatch):
-    """compare_methods.ipynb's own runs come from demo.sweep's default: one run per (method, seed) for each of the
-    eight methods in registration order; an unknown name fails before anything trains."""
+    """compare_methods.ipynb's own runs come from demo.sweep's default: one run per (method, seed) for every
+    registered method, in registration order; an unknown name fails before anything trains."""
     from vbshare.analysis import demo
     from vbshare.errors import VBShareError
+    from vbshare.registry import METHODS
 
     calls = []
     monkeypatch.setattr(demo, "train_run", lambda method, run_dir, **kw: calls.append((method, run_dir, kw)))
     assert demo.sweep(tmp_path, seeds=(0, 3), overrides=["trainer.max_steps=8"]) == tmp_path
-    methods = ["lora", "vblora", "aslora", "sora", "tied_lora", "nola", "vera", "unilora"]
+    methods = list(METHODS)
+    assert methods[:8] == ["lora", "vblora", "aslora", "sora", "tied_lora", "nola", "vera", "unilora"]
     assert [(m, d) for m, d, _ in calls] == [(m, tmp_path / m / f"seed{k}") for m in methods for k in (0, 3)]
     assert calls[1][2]["overrides"] == ["seed=3", "trainer.max_steps=8"]
     calls.clear()

@@ -13,6 +13,8 @@ import re
 from .adapters.aslora import ASLoRA
 from .adapters.base import AdapterConfig, AdapterState, LowRankAdapter
 from .adapters.lora import LoRA
+from .adapters.loraxs import LoRAXS
+from .adapters.mos import MoS
 from .adapters.nola import NOLA
 from .adapters.sora import SoRA
 from .adapters.tied_lora import TiedLoRA
@@ -72,3 +74,5 @@ register("tied_lora", TiedLoRA)
 register("nola", NOLA)
 register("vera", VeRA)
 register("unilora", UniLoRA)
+register("loraxs", LoRAXS)
+register("mos", MoS)
