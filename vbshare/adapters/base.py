@@ -239,7 +239,7 @@ class LowRankAdapter(nn.Module):
     def composed_factors(self) -> tuple[Tensor, Tensor, float]:
         """`factors()` computed with autocast off, so the composition runs in the parameters' dtype."""
         device_type = self.base_layer.weight.device.type
-        if torch.is_autocast_enabled(device_type):
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: planning, no autocast
             with torch.autocast(device_type, enabled=False):
                 return self.factors()
         return self.factors()
