@@ -1,4 +1,5 @@
 """Atomic file writes: every file vbshare writes goes through a temporary file in the same folder and a rename.
+And `read_tensors`, the one way vbshare reads a `torch.save` file back: tensors and plain containers only.
 
 A crash leaves either the old file or the new one, never half of one. The temporary file is created with the
 mode a plain `open(path, "w")` would give (0o666 minus the user's umask), so colleagues on a shared filesystem
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import VBShareError
 
 FILE_MODE = 0o666  # what open() asks for; the kernel subtracts the umask
 _TEMP_ATTEMPTS = 100
@@ -52,3 +56,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     torch.save(obj, buffer)
     atomic_write(path, buffer.getvalue())
 
+
+
+def read_tensors(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU: tensors and plain containers (dict, list, tuple, str,
+    numbers, None) only. Anything else in the file (a pickled object, a function call) is refused in one line
+    without being run: a checkpoint is data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise VBShareError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a global outside torch's weights-only allow-list: never imported
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        raise VBShareError(f"{path} holds more than tensors and plain values ({reason.rstrip('.')}); it is not read: "
+                           "a checkpoint is data, never code") from None
+    except Exception as err:  # a damaged or foreign file: torch raises RuntimeError, KeyError, EOFError, ...
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise VBShareError(f"{path} is not a readable tensor file ({type(err).__name__}: {first}); the checkpoint "
+                           "is damaged") from None
