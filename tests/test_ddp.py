@@ -44,7 +44,7 @@ def launch(launcher: str, args: list[str], run_dir: Path, check: bool = True) ->
 
 def one_process(args: list[str], run_dir: Path) -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return run_training(compose("train", overrides=args), run_dir)
+        return run_training(compose("train", overrides=args), run_dir, args)
 
 
 def summary(run_dir: Path) -> dict:

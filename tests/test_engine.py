@@ -45,7 +45,7 @@ def compose_config(overrides: list[str]):
 
 
 def train(overrides: list[str], run_dir: Path) -> dict | None:
-    return run_training(compose_config(overrides), run_dir)
+    return run_training(compose_config(overrides), run_dir, overrides)
 
 
 @pytest.fixture(scope="module")

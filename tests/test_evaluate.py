@@ -26,7 +26,7 @@ CASES = [("+adapter=lora", "tiny_bert"), ("+adapter=vblora", "tiny_bert"), ("+ad
 def train_run(run_dir: Path, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    return run_training(cfg, run_dir)
+    return run_training(cfg, run_dir, overrides)
 
 
 def file_hashes(root: Path) -> dict[str, str]:

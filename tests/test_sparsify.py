@@ -26,7 +26,7 @@ STAGES = ["+trainer/sparsify=default", "trainer.sparsify.stage_steps=3", "traine
 def train(overrides: list[str], run_dir: Path) -> dict | None:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    return run_training(cfg, run_dir)
+    return run_training(cfg, run_dir, overrides)
 
 
 def read_jsonl(path: Path) -> list[dict]:

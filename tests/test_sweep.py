@@ -128,7 +128,7 @@ def test_baseline_resume_identical(baseline, tmp_path):
 
     def train(overrides, run_dir):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return run_training(compose("train", overrides=overrides), run_dir)
+            return run_training(compose("train", overrides=overrides), run_dir, overrides)
 
     full = train(common, tmp_path / "full")
     assert train([*common, "trainer.stop_at_step=2"], tmp_path / "cut") is None

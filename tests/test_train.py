@@ -49,7 +49,7 @@ def compose_config(overrides: list[str]):
 
 
 def train(overrides: list[str], run_dir: Path):
-    return run_training(compose_config(overrides), run_dir)
+    return run_training(compose_config(overrides), run_dir, overrides)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -219,7 +219,7 @@ class Runner:
         level = train_log.level
         train_log.setLevel(logging.WARNING)  # the progress bar speaks for the runs
         try:
-            run_training(compose("train", overrides=overrides), run_dir)
+            run_training(compose("train", overrides=overrides), run_dir, overrides)
         finally:
             train_log.setLevel(level)
 

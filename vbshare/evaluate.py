@@ -5,11 +5,16 @@
 
     evaluate_run(run_dir, split="test", overrides=(), predictions_path=None, check_base=True) -> dict
 
-The run's own config.yaml is the starting point; the training app's setup code builds the task and a fresh
-base model from it, and the run mode loads what the run left (`adapter/` with the head, a full fine-tune's
-`model/`, a head-only run's head) onto that base. Overrides use Hydra's syntax: `data=NAME` picks another data
-config (composed from configs/data/ with the run's seed), `data.KEY=VALUE` and `trainer.KEY=VALUE` change
-single keys (e.g. `trainer.max_examples=null` scores a whole split that the run capped, `trainer.device=cpu`).
+A run folder is data, never code: the config is composed again from the project's own configs/ with the
+overrides the run recorded (its overrides.json), never instantiated from the folder. The composed config must
+agree with the run's config.yaml (read as plain YAML) on what decides the scores (model, data, the adapter's
+hyperparameters and targets, seed, trainer.max_examples), and every `_target_` in it must be one of vbshare's
+own builders; anything else is refused in one line. The training app's setup code then builds the task and a
+fresh base model, and the run mode loads what the run left (`adapter/` with the head, a full fine-tune's
+`model/`, a head-only run's head: safetensors and JSON only) onto that base. Overrides use Hydra's syntax:
+`data=NAME` picks another data config (composed from configs/data/ with the run's other settings),
+`data.KEY=VALUE` and `trainer.KEY=VALUE` change single keys (e.g. `trainer.max_examples=null` scores a whole
+split that the run capped, `trainer.device=cpu`).
 
 An adapter is refused when the fresh base's weights are not those it was trained on (`vbshare.load_adapter`
 compares a small sample of them); `check_base=false` loads it anyway.
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -35,16 +41,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import VBShareError
 from .files import atomic_write
-from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
+from .records import flatten
+from .train.app import CONFIG_DIR, CONFIG_FILE, OVERRIDES_FILE, USER_ERRORS, exit_with
 from .train.engine import Engine
 from .train.evaluation import format_scores, score_split, write_predictions
 from .train.modes import run_mode
 from .train.settings import read_settings
-from .train.setup import build_task_and_model, keep_trained_in_fp32, set_threads
+from .train.setup import build_task_and_model, check_builders, keep_trained_in_fp32, set_threads
 
 log = logging.getLogger("vbshare.evaluate")
 
-CONFIG_FILE = "config.yaml"  # the resolved config every training run writes
+# What decides a finished run's scores: the composed config must agree with the run's config.yaml on these
+# (dotted prefixes), except the adapter keys that only steer training and tuning.
+DECISIVE_KEYS = ("model", "data", "adapter", "seed", "trainer.max_examples")
+TRAINING_ONLY_KEYS = ("adapter.lr", "adapter.search", "adapter.size_key")
 OWN_KEYS = ("run_dir", "split", "predictions", "out", "check_base")  # command-line keys of this app; the rest override the config
 DATA_GROUP = "data"
 DEFAULT_OUT_ROOT = "evaluations"
@@ -56,18 +66,73 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
     return OverridesParser.create().parse_overrides(list(overrides))
 
 
-def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's config.yaml with the overrides applied (a `data=NAME` override composes that data config)."""
-    path = run_dir / CONFIG_FILE
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """The overrides the run was composed with (its overrides.json, read as JSON)."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise VBShareError(f"{run_dir / CONFIG_FILE} is missing; run_dir must be a folder written by python -m vbshare.train")
+    path = run_dir / OVERRIDES_FILE
     if not path.is_file():
-        raise VBShareError(f"{path} is missing; run_dir must be a folder written by python -m vbshare.train")
-    cfg = OmegaConf.load(path)
+        raise VBShareError(f"{path} is missing: evaluation rebuilds a run from configs/ and the overrides it recorded "
+                           "there, and this run recorded none (trained by an older vbshare, or by run_training "
+                           "without overrides=...); train it again to evaluate it")
+    try:
+        recorded = json.loads(path.read_text()).get("overrides")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise VBShareError(f"{path} is not a JSON object with an overrides list ({err}); the run folder is damaged") from None
+    if not isinstance(recorded, list) or not all(isinstance(item, str) for item in recorded):
+        raise VBShareError(f"{path} must hold {{\"overrides\": [strings]}}; the run folder is damaged")
+    return recorded
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as plain data (yaml.safe_load: a Python tag is refused, never run)."""
+    path = run_dir / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VBShareError(f"{path} is not plain YAML ({first}); the run folder is damaged") from None
+    if not isinstance(saved, dict):
+        raise VBShareError(f"{path} does not hold a config (a YAML mapping); the run folder is damaged")
+    return saved
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def decisive(config: dict[str, Any]) -> dict[str, Any]:
+    """The DECISIVE_KEYS of a config, flattened to {dotted key: value}."""
+    def within(key: str, prefixes: Sequence[str]) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+    return {k: v for k, v in flatten(config).items() if within(k, DECISIVE_KEYS) and not within(k, TRAINING_ONLY_KEYS)}
+
+
+def check_same_as_run(composed: DictConfig, run_dir: Path) -> None:
+    """Refuse a composed config that differs from the run's config.yaml on what decides the scores."""
+    now, then = decisive(OmegaConf.to_container(composed, resolve=True)), decisive(saved_config(run_dir))
+    for key in sorted(set(now) | set(then)):
+        if now.get(key, "<absent>") != then.get(key, "<absent>"):
+            raise VBShareError(
+                f"{key} is {then.get(key, '<absent>')!r} in {run_dir / CONFIG_FILE} but {now.get(key, '<absent>')!r} "
+                "when configs/ are composed with the run's recorded overrides: the project's configs changed since "
+                "the run; evaluate it with the configs it was trained with")
+
+
+def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The run's config, composed from configs/ with its recorded overrides and checked against its config.yaml,
+    then the evaluation's overrides applied (a `data=NAME` override composes that data config instead)."""
+    recorded = recorded_overrides(run_dir)
+    cfg = compose_train(recorded)
+    check_same_as_run(cfg, run_dir)
     parsed = parse_overrides(overrides)
     group = [o for o in parsed if o.key_or_group == DATA_GROUP]
     data_keys = [o for o in parsed if o.key_or_group.startswith(DATA_GROUP + ".")]
-    if group:  # another data config: composed as the training app would, with this run's seed
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            composed = compose("train", overrides=[f"seed={cfg.seed}", *(o.input_line for o in group + data_keys)])
+    if group:  # another data config: composed as the training app would, with this run's other settings
+        kept = [o.input_line for o in parse_overrides(recorded)
+                if o.key_or_group != DATA_GROUP and not o.key_or_group.startswith(DATA_GROUP + ".")]
+        composed = compose_train([*kept, *(o.input_line for o in group + data_keys)])
         cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
         parsed = [o for o in parsed if o not in group and o not in data_keys]
     OmegaConf.set_struct(cfg, True)  # a typo'd key is an error, not a silently ignored setting
@@ -78,6 +143,7 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
             OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
         except Exception as err:
             raise VBShareError(f"{override.input_line}: {str(err).splitlines()[0]}") from None
+    check_builders(cfg)
     return cfg
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes: every file vbshare writes goes through a temporary file in the same folder and a rename.
+And `read_tensors`, the one way vbshare reads a `torch.save` file back: tensors and plain containers only.
 
 A crash leaves either the old file or the new one, never half of one. The temporary file is created with the
 mode a plain `open(path, "w")` would give (0o666 minus the user's umask), so colleagues on a shared filesystem
@@ -14,13 +15,14 @@ import contextlib
 import errno
 import io
 import os
+import pickle
 import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .errors import WriteError
+from .errors import VBShareError, WriteError
 
 FILE_MODE = 0o666  # what open() asks for; the kernel subtracts the umask
 _TEMP_ATTEMPTS = 100
@@ -91,3 +93,23 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append `text` to `path` (created when missing): a log such as metrics.jsonl."""
     with writing(path, exact=True), open(path, "a") as handle:
         handle.write(text)
+
+
+def read_tensors(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU: tensors and plain containers (dict, list, tuple, str,
+    numbers, None) only. Anything else in the file (a pickled object, a function call) is refused in one line
+    without being run: a checkpoint is data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise VBShareError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a global outside torch's weights-only allow-list: never imported
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        raise VBShareError(f"{path} holds more than tensors and plain values ({reason.rstrip('.')}); it is not read: "
+                           "a checkpoint is data, never code") from None
+    except Exception as err:  # a damaged or foreign file: torch raises RuntimeError, KeyError, EOFError, ...
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise VBShareError(f"{path} is not a readable tensor file ({type(err).__name__}: {first}); the checkpoint "
+                           "is damaged") from None

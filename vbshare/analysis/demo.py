@@ -81,7 +81,7 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
     if snapshot_every:
         base.append(f"trainer.snapshot_every={snapshot_every}")
     with _quiet(quiet):
-        run_training(compose(base), run_dir)
+        run_training(compose(base), run_dir, base)
     return run_dir
 
 
@@ -99,10 +99,10 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     if (run_dir / "summary.json").exists():
         raise VBShareError(f"{run_dir} already holds a finished run; give an empty folder")
     stages = [f"trainer.sparsify.{k}={'null' if v is None else v}" for k, v in (schedule or SORA_SCHEDULE).items()]
-    cfg = compose([*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}),
-                   *SORA_TRAINER, "+trainer/sparsify=default", *stages, *overrides])
+    composed_with = [*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}),
+                     *SORA_TRAINER, "+trainer/sparsify=default", *stages, *overrides]
     with _quiet(quiet):
-        run_training(cfg, run_dir)
+        run_training(compose(composed_with), run_dir, composed_with)
     return run_dir
 
 

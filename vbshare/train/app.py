@@ -3,7 +3,7 @@
 The Hydra training app: compose the config (configs/ at the repo root), then setup -> train -> save.
 Data-parallel: `torchrun --nproc_per_node N -m vbshare.train ...` or `accelerate launch -m vbshare.train ...`.
 
-    run_training(cfg, run_dir)  the programmatic entry (Hydra's compose API, or the CLI below)
+    run_training(cfg, run_dir, overrides)  the programmatic entry (Hydra's compose API, or the CLI below)
     main()                      the console entry; bad input becomes one `error: ...` line and exit status 2
 
 The parts, each in its own module: setup.py (engine, task, model, optimiser), modes.py (adapter / full
@@ -15,6 +15,10 @@ sparsify.py (trainer.sparsify: stages after the dense training), folders.py (one
 A resumption (`trainer.resume=<run dir>`) continues the run in its own folder: Hydra's output folder is set to
 it, so train.log, metrics.jsonl and summary.json stay one record per run. Ctrl-C or SIGTERM saves a checkpoint
 at the end of the current step, prints one line with the command that continues, and exits with 130 / 143.
+
+Every run folder records the config it trained with twice: config.yaml (resolved, for people and vbshare.report)
+and overrides.json (the overrides it was composed with from configs/, which vbshare.evaluate composes again:
+nothing in a run folder is ever instantiated).
 """
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ import math
 import os
 import shlex
 import sys
+import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -45,6 +50,8 @@ from .sparsify import sparsify_stages
 log = logging.getLogger("vbshare.train")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # repo-root configs/ (editable install)
+CONFIG_FILE = "config.yaml"  # the resolved config, in every run folder
+OVERRIDES_FILE = "overrides.json"  # {"overrides": [...]}: what the config was composed with from CONFIG_DIR
 USER_ERRORS = (VBShareError, HydraException, OmegaConfBaseException)  # reported as one line, no traceback
 # Warnings that say nothing to a user of the app (a library's deprecated alias that another library reads);
 # everything else still shows.
@@ -58,11 +65,13 @@ RESUME_SET_KEYS = ("trainer.resume=", "trainer.stop_at_step=", "hydra.run.dir=",
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
+def run_training(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any] | None:
     """setup -> train -> save for a composed config; returns summary.json's content (None if stopped early,
     and on every process but rank 0).
 
-    Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir)`.
+    Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir, overrides)`.
+    `overrides`: what `cfg` was composed with from configs/, recorded in the run folder's overrides.json so
+    that vbshare.evaluate can rebuild the run (without them, the run trains but cannot be evaluated again).
     SIGINT / SIGTERM during the run: a checkpoint of the current step, then `TrainingInterrupted`.
     The run's folder is held while it runs (one writer per folder) and a fresh run refuses one holding another run.
     """
@@ -71,7 +80,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
         with folders.claim(cfg, run_dir), interrupt.catch_stop_signals(), warnings.catch_warnings():
             for message in KNOWN_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-            return _train(cfg, Path(run_dir), started)
+            return _train(cfg, Path(run_dir), started, None if overrides is None else [str(o) for o in overrides])
     except WriteError as err:  # disk full, permission denied: every write is atomic, so nothing is torn
         raise VBShareError(f"{err}; then {continuation(cfg, Path(run_dir))}") from err
 
@@ -86,12 +95,14 @@ def continuation(cfg: DictConfig, run_dir: Path) -> str:
     return f"continue with trainer.resume={folder} (its last checkpoint is intact)"
 
 
-def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any] | None:
+def _train(cfg: DictConfig, run_dir: Path, started: float, overrides: list[str] | None) -> dict[str, Any] | None:
     run = setup(cfg, run_dir)
     run.segment_started = started  # wall time counts model loading too (earlier segments: from the checkpoint)
     try:
         if run.is_main:
-            atomic_write(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+            atomic_write(run.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
+            if overrides is not None:
+                atomic_write(run.run_dir / OVERRIDES_FILE, json.dumps({"overrides": overrides}, indent=2).encode())
         run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
         try:
             stages = sparsify_stages(run)  # trainer.sparsify: checked before the first step, run after the last
@@ -120,7 +131,8 @@ def objective(summary: dict[str, Any] | None) -> float | None:
 
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        return objective(run_training(cfg, HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        return objective(run_training(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)))
     except Diverged as diverged:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one job of a sweep: a failed trial, the sweep goes on
             log.error("error: %s", diverged)

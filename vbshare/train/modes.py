@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 import vbshare
 
-from ..files import atomic_torch_save, atomic_write, writing
+from ..files import atomic_torch_save, atomic_write, read_tensors, writing
 from ..errors import VBShareError
 from ..registry import METHODS
 
@@ -77,7 +76,7 @@ class RunMode:
         atomic_torch_save(self.trained_state(model), folder / WEIGHTS)
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
-        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        weights = read_tensors(folder / WEIGHTS)  # tensors only: nothing in a checkpoint is unpickled
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or set(self.trained_state(model)) - set(weights):
             raise VBShareError(f"the checkpoint in {folder} holds other weights than this run trains; "
@@ -186,11 +185,16 @@ class FullFinetune(RunMode):
                  "lr": self.cfg.optim.full_finetune_lr, "weight_decay": self.cfg.optim.weight_decay}]
 
     def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
-        """The fine-tuned model/ folder (save_pretrained), in the base's dtype."""
+        """The fine-tuned model/ folder (save_pretrained: model.safetensors), in the base's dtype. Only the
+        safetensors weights are read: a pickled pytorch_model.bin in the folder is never loaded (and the
+        base's own class loads it, so no code the folder's config.json names runs)."""
         folder = run_dir / FULL_MODEL
         if not (folder / "config.json").is_file():
             raise VBShareError(f"{folder} holds no fine-tuned model (config.json); is {run_dir} a finished run?")
-        return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+        if not any(folder.glob("model*.safetensors")):
+            raise VBShareError(f"{folder} holds no model.safetensors (only safetensors weights are read, never a "
+                               f"pickled .bin); is {run_dir} a finished run?")
+        return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype, use_safetensors=True)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         with writing(run_dir / FULL_MODEL):  # a full disk: one line naming the file

@@ -1,6 +1,7 @@
 """Everything a run needs before its first step: `setup(cfg, run_dir) -> Run`.
 
-In order: check the settings, start the engine (processes, device, precision), seed, build the task and the
+In order: check the settings (every `_target_` the config names must be one of vbshare's own builders or a
+torch.optim optimiser: `check_builders`), start the engine (processes, device, precision), seed, build the task and the
 model, tokenise once, let the run mode choose what trains (inject the adapter), keep the trained tensors in
 fp32, turn on activation checkpointing, restore a checkpoint when resuming, wrap the model for data
 parallelism and build the optimiser (AdamW over the mode's parameter groups, each remembering its peak lr).
@@ -8,6 +9,7 @@ parallelism and build the optimiser (AdamW over the mode's parameter groups, eac
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers.utils import logging as hf_logging
 
@@ -33,6 +35,46 @@ log = logging.getLogger("vbshare.train")
 
 DATA_ORDER_SEED_STRIDE = 1_000_003  # as in batches.py: seeds of process k > 0 start past every epoch's seed
 RANK_SEED_STRIDE = 7_919  # process k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
+# The only modules whose functions and classes a config may name as `_target_` (besides torch.optim's
+# optimisers): a config, and so a recorded override, can build vbshare's tasks, models and loggers, nothing else.
+BUILDER_MODULES = ("vbshare.data.tasks", "vbshare.models", "vbshare.train.loggers")
+TARGET_KEY = "_target_"
+
+
+def is_builder(target: Any) -> bool:
+    """True for `<module>.<name>` with the module in BUILDER_MODULES and `name` a public function or class
+    defined in that module (not one it imports), or `torch.optim.<Optimizer subclass>`."""
+    if not isinstance(target, str) or "." not in target:
+        return False
+    module_name, name = target.rsplit(".", 1)
+    if name.startswith("_"):
+        return False
+    if module_name == "torch.optim":
+        found = getattr(torch.optim, name, None)
+        return isinstance(found, type) and issubclass(found, torch.optim.Optimizer)
+    if module_name not in BUILDER_MODULES:
+        return False
+    found = getattr(importlib.import_module(module_name), name, None)
+    return callable(found) and getattr(found, "__module__", None) == module_name
+
+
+def check_builders(cfg: DictConfig) -> None:
+    """Refuse, in one line, a `_target_` anywhere in the config that `is_builder` does not allow: a config
+    composed from a run's recorded overrides (`+data._target_=...`) must not run other code."""
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if TARGET_KEY in node and not is_builder(node[TARGET_KEY]):
+                raise VBShareError(
+                    f"{where + '.' if where else ''}{TARGET_KEY}={node[TARGET_KEY]!r} is not one of vbshare's builders "
+                    f"({', '.join(m + '.*' for m in BUILDER_MODULES)}) or a torch.optim optimizer; nothing else "
+                    "is instantiated from a config")
+            for key, value in node.items():
+                walk(value, f"{where}.{key}" if where else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
 def usable_cores() -> int:
@@ -134,6 +176,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Check the settings (`read_settings`: every range, before anything starts), then build engine, task,
     model (+ adapter), tokenised data and optimiser; restore a checkpoint when resuming."""
     settings = read_settings(cfg)
+    check_builders(cfg)
     t = settings.trainer
     resume_dir = Path(t.resume) if t.resume else None
     if resume_dir is not None:
