@@ -580,9 +580,10 @@ def test_evaluate_refuses_another_base_unless_check_base_false(tmp_path, capsys)
     from vbshare.train import CONFIG_DIR, run_training
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["+adapter=lora", "model=tiny_bert", "trainer=debug", "data.max_length=32"])
+        overrides = ["+adapter=lora", "model=tiny_bert", "trainer=debug", "data.max_length=32"]
+        cfg = compose("train", overrides=overrides)
     run_dir = tmp_path / "run"
-    run_training(cfg, run_dir)
+    run_training(cfg, run_dir, overrides)
     with pytest.raises(SystemExit) as exited:
         main([f"run_dir={run_dir}", "seed=1"])  # tiny BERT drawn from seed 1: other base weights
     assert exited.value.code == 2

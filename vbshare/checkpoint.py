@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .adapters.base import LowRankAdapter, adapters, state_of
 from .checks import refuse_nonfinite
@@ -90,6 +91,8 @@ def _layer_sample(layer: nn.Module, merged: LowRankAdapter | None = None) -> lis
     weight = getattr(layer, "weight", None)
     shape = (in_features, out_features) if transposed else (out_features, in_features)
     if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() or tuple(weight.shape) != shape:
+        return None
+    if isinstance(weight, DTensor):  # an FSDP shard: reading it whole is a collective that only rank 0 would join
         return None
     rows, columns = sample_positions(out_features, in_features)
     values = (weight.T if transposed else weight)[rows, columns].double()  # (n,)
