@@ -70,7 +70,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantized_loading(quantization: str | None, dtype: str, device: str | None) -> dict:
+def _quantized_loading(quantization: str | None, dtype: str, device: str | None) -> dict:
     """Extra `from_pretrained` arguments for model.quantization: transformers' BitsAndBytesConfig computing in
     `dtype`, the task / LM heads left unquantized (they may be trained), the whole model on `device` (bitsandbytes
     quantizes where it loads; Accelerate then trains it there). None: no extra arguments."""
@@ -87,7 +87,7 @@ def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, d
 
     The encoder's weights are pretrained; the classification head is new, initialised from `seed` (a head
     saved in the folder is kept only when it has `num_labels` outputs). `quantization` / `device`: see
-    `quantized_loading`.
+    `_quantized_loading`.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -96,7 +96,7 @@ def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, d
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_labels, dtype=weights_dtype, ignore_mismatched_sizes=True,
-            **quantized_loading(quantization, dtype, device))
+            **_quantized_loading(quantization, dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
@@ -104,14 +104,14 @@ def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, d
 def load_causal_lm(path: str | Path, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
                    device: str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a causal language model from a local transformers folder (`quantization` /
-    `device`: see `quantized_loading`)."""
+    `device`: see `_quantized_loading`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     weights_dtype = torch_dtype(dtype)
     torch.manual_seed(seed)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights_dtype,
-                                                     **quantized_loading(quantization, dtype, device))
+                                                     **_quantized_loading(quantization, dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
@@ -122,7 +122,7 @@ def load_minilm_classifier(num_labels: int, seed: int = 0, dtype: str = "fp32", 
     return load_sequence_classifier(minilm_dir(), num_labels, seed, dtype, quantization, device)
 
 
-def built_in_memory(model: nn.Module, dtype: str, quantization: str | None, device: str | None) -> nn.Module:
+def _built_in_memory(model: nn.Module, dtype: str, quantization: str | None, device: str | None) -> nn.Module:
     """A model built in-process (initialised in fp32, the same numbers for every dtype) cast to `dtype`, then, for
     model.quantization, moved to `device` and quantized there (`vbshare.quantization.quantize`)."""
     model = model.to(torch_dtype(dtype))
@@ -168,7 +168,7 @@ def tiny_bert(
         num_labels=num_labels,
     )
     torch.manual_seed(seed)  # initialised in fp32 (the same numbers for every dtype), then cast
-    return built_in_memory(BertForSequenceClassification(config), dtype, quantization, device), tokenizer
+    return _built_in_memory(BertForSequenceClassification(config), dtype, quantization, device), tokenizer
 
 
 def tiny_llama(
@@ -209,7 +209,7 @@ def tiny_llama(
     )
     torch.manual_seed(seed)  # initialised in fp32 (the same numbers for every dtype), then cast
     model = LlamaForCausalLM(config) if task == "lm" else LlamaForSequenceClassification(config)
-    return built_in_memory(model, dtype, quantization, device), tokenizer
+    return _built_in_memory(model, dtype, quantization, device), tokenizer
 
 
 def cache_dir() -> Path:
