@@ -176,3 +176,20 @@ def test_the_report_names_a_quantized_base(tmp_path):
     runs = report.collect_runs(tmp_path)
     assert sorted(runs["model"]) == ["minilm", "minilm nf4"]
     assert sorted(runs["label"]) == ["lora model=minilm", "lora model=minilm nf4"]  # two configurations, told apart
+
+
+@pytest.mark.parametrize("kind", ["fp4", "int8"])
+def test_the_other_quantizations_train_too(kind, tmp_path):
+    model = vbshare.inject(quantize(llama(), kind), "lora", targets=TARGETS, r=4, alpha=8).train()
+    optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=1e-2))
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=tokens(), labels=tokens()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    vbshare.save_adapter(model, tmp_path / "a")
+    loaded = vbshare.load_adapter(quantize(llama(), kind).train(), tmp_path / "a")
+    assert torch.allclose(logits(loaded, tokens(5)), logits(model, tokens(5)), atol=1e-6)

@@ -85,8 +85,10 @@ def dequantized_weight(layer: nn.Module) -> Tensor:
         return torch.empty(shape, device="meta")
     bnb = bitsandbytes()
     if quantization_of(layer) == "int8":
+        # the row scales sit on the weight until the first forward, which moves them to the layer's state
         scales = getattr(weight, "SCB", None)
-        if scales is None:  # not quantized yet (an Int8Params still holding its float weight)
+        scales = scales if scales is not None else getattr(getattr(layer, "state", None), "SCB", None)
+        if scales is None or weight.dtype != torch.int8:  # not quantized yet (a float weight still)
             return weight.detach().float().clone()
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float().reshape(shape)  # (out, in)
     if getattr(weight, "quant_state", None) is None:  # not quantized yet
