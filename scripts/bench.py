@@ -331,6 +331,10 @@ ENGINE_SIZES = {"lora": dict(r=8, alpha=16),  # configs/adapter/*.yaml: the app'
                 "vblora": dict(r=4, num_vectors=256, vector_length=64, topk=2)}
 ENGINE_CONFIGS = ["fp32", "fp32+ckpt", "fp32+compile", "fp32+ckpt+compile",
                   "bf16", "bf16+ckpt", "bf16+compile", "bf16+ckpt+compile"]
+# fp16 autocast (what trainer.precision=fp16 runs on a GPU; the gradient scaler's own cost is not in the step):
+# valid with --engine-configs, not in the default set
+VALID_ENGINE_CONFIGS = ENGINE_CONFIGS + [c.replace("bf16", "fp16") for c in ENGINE_CONFIGS if c.startswith("bf16")]
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 QUICK_ENGINE_CONFIGS = ["fp32", "fp32+ckpt", "bf16", "bf16+ckpt", "fp32+compile", "bf16+compile"]
 
 
@@ -350,7 +354,7 @@ def engine_runner(base: nn.Module, method: str, config: str, ids: torch.Tensor, 
         enable_activation_checkpointing(model)
     forward = torch.compile(model) if "compile" in options else model
     optimizer = torch.optim.AdamW(vbshare.param_groups(model, lr=1e-4), weight_decay=0.0)
-    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    autocast_dtype = AUTOCAST.get(precision)
     steps = [0]
 
     def loss() -> torch.Tensor:
@@ -485,7 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine = parser.add_argument_group("engine part (SmolLM2-135M)")
     engine.add_argument("--engine-methods", default="lora,vblora", help="registered methods (default lora,vblora)")
     engine.add_argument("--engine-configs", default=None,
-                        help="comma list of <fp32|bf16>[+ckpt][+compile] (default: all eight; --quick: "
+                        help="comma list of <fp32|bf16|fp16>[+ckpt][+compile] (default: the eight fp32 / bf16 "
+                             "ones; --quick: "
                              f"{','.join(QUICK_ENGINE_CONFIGS)})")
     engine.add_argument("--compile-methods", default=None,
                         help="engine methods that run the +compile configurations (default all; --quick: the first "
@@ -499,9 +504,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = args.models or ("minilm" if quick else "minilm,bert-base")
     args.batch_sizes = args.batch_sizes or ("4" if quick else "4,16")
     configs = (args.engine_configs or ",".join(QUICK_ENGINE_CONFIGS if quick else ENGINE_CONFIGS)).split(",")
-    bad = [c for c in configs if c not in ENGINE_CONFIGS]
+    bad = [c for c in configs if c not in VALID_ENGINE_CONFIGS]
     if bad:
-        parser.error(f"unknown engine configuration(s) {', '.join(bad)}; use <fp32|bf16>[+ckpt][+compile]")
+        parser.error(f"unknown engine configuration(s) {', '.join(bad)}; use <fp32|bf16|fp16>[+ckpt][+compile]")
     args.engine_configs = configs
     args.compile_methods = args.compile_methods or (args.engine_methods.split(",")[0] if quick else "all")
     args.engine_batch = args.engine_batch or (1 if quick else 8)

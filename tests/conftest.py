@@ -1,5 +1,7 @@
-"""Shared pytest set-up: the `decoder` marker (SmolLM2 tests; deselect with -m "not decoder")."""
+"""Shared pytest set-up: the `decoder` marker (SmolLM2 tests; deselect with -m "not decoder") and the `slow` marker
+(tests that start processes or run whole scripts; deselect with -m "not slow")."""
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "decoder: runs the SmolLM2-135M decoder path (one-time GGUF conversion)")
+    config.addinivalue_line("markers", "slow: starts subprocesses or runs a whole script (tens of seconds)")

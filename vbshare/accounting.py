@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapters.base import adapters, state_of
 from .core import parameter_roles, stored_tensors
+from .quantization import describe as describe_quantization
 
 
 @dataclass
@@ -29,6 +30,7 @@ class AdapterSummary:
     stored: float
     adapter_bytes: int
     rows: list[dict[str, Any]] = field(default_factory=list)
+    base_quantization: str | None = None  # the adapted layers' quantized base ("nf4", "fp4", "int8"), or None
 
     def __str__(self) -> str:
         header = f"{'module':<56} {'shape (out, in)':>16} {'rank':>5} {'trainable':>11} {'stored':>12}"
@@ -41,6 +43,7 @@ class AdapterSummary:
         lines.append(
             f"{self.method}: trainable {self.trainable:,} | stored {_count(self.stored)} | "
             f"adapter bytes {self.adapter_bytes:,} | other trainable (head) {self.other_trainable:,}"
+            + (f" | base {self.base_quantization}-quantized" if self.base_quantization else "")
         )
         return "\n".join(lines)
 
@@ -82,4 +85,5 @@ def summary(model: nn.Module, topk_only: bool = True) -> AdapterSummary:
         stored=sum(row["stored"] for row in rows),
         adapter_bytes=sum(t.numel() * t.element_size() for t in stored_tensors(model, topk_only=compact).values()),
         rows=rows,
+        base_quantization=describe_quantization(a.base_layer for a in adapters(model).values()),
     )

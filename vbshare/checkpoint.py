@@ -17,8 +17,10 @@ fixed positions (`sample_positions`). On load each module's sample is compared w
 their correlation is below `MIN_CORRELATION` or the RMS of their difference exceeds `MAX_RELATIVE_DIFFERENCE`
 times the saved sample's RMS. The same weights in bf16 / fp16 differ by < 1 % and 4-bit NF4 quantisation by
 about 10 % (correlation ≈ 0.995); two independent initialisations differ by ≈ 140 % (correlation ≈ 0), so the
-thresholds leave a wide margin on both sides. Weights that cannot be read (the meta device, packed quantised
-storage) record null and are not compared; folders without a sample (older vbshare) load unchecked.
+thresholds leave a wide margin on both sides. A bitsandbytes-quantized base is sampled from its dequantized
+weight, so an adapter trained on a 4-bit base loads into the full-precision one and back. Weights that cannot be
+read (the meta device, a sharded flat parameter) record null and are not compared; folders without a sample
+(older vbshare) load unchecked.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from .core import (check_adapter_tensors, check_module_tensors, freeze_adapter, 
                    injected_or_undone, module_tensors, stored_tensors)
 from .errors import VBShareError
 from .files import atomic_torch_save, atomic_write
+from .quantization import dequantized_weight, quantization_of
 from .registry import get_method
 from .targets import is_linear, linear_shape
 
@@ -89,6 +92,8 @@ def _layer_sample(layer: nn.Module, merged: LowRankAdapter | None = None) -> lis
     storage, a sharded flat parameter) or holds non-finite values."""
     out_features, in_features, transposed = linear_shape(layer)
     weight = getattr(layer, "weight", None)
+    if quantization_of(layer) and isinstance(weight, Tensor) and not weight.is_meta:
+        weight = dequantized_weight(layer)  # (out, in): a quantized base is compared by the weights it computes with
     shape = (in_features, out_features) if transposed else (out_features, in_features)
     if not isinstance(weight, Tensor) or weight.is_meta or not weight.is_floating_point() or tuple(weight.shape) != shape:
         return None

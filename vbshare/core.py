@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .adapters.base import STATE_ATTR, AdapterState, LowRankAdapter, adapters, state_of
 from .errors import VBShareError
+from .quantization import quantization_of
 from .registry import get_method
 from .targets import find_targets, linear_shape
 
@@ -111,10 +112,17 @@ def check_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
                            f"{out_features * in_features}")
 
 
-def merge(model: nn.Module) -> None:
-    """Fold every adapter's ΔW into its base weight (idempotent)."""
-    for adapter in adapters(model).values():
-        adapter.merge()
+def merge(model: nn.Module, dequantize: bool = False) -> None:
+    """Fold every adapter's ΔW into its base weight (idempotent). A quantized base is refused unless
+    `dequantize=True`, which replaces each quantized base layer by a plain Linear holding W + ΔW (its memory
+    grows to the dequantized dtype's; `unmerge` then takes ΔW back out of that plain weight)."""
+    layers = adapters(model).values()
+    if not dequantize:
+        quantized = [a for a in layers if quantization_of(a.base_layer)]
+        if quantized:  # refuse before any layer has merged
+            quantized[0].merge()
+    for adapter in layers:
+        adapter.merge(dequantize=dequantize)
 
 
 def unmerge(model: nn.Module) -> None:

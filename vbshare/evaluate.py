@@ -172,7 +172,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
     try:
         if engine.device.type == "cpu":
             set_threads(trainer.num_threads)
-        task, model, tokenizer, data = build_task_and_model(cfg)
+        task, model, tokenizer, data = build_task_and_model(cfg, engine.device)
         if split not in data or not len(data[split]):
             raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
                                f"{', '.join(s for s in data if len(data[s]))}")

@@ -5,7 +5,9 @@ Every loader has the signature `(task, num_labels, seed, ..., dtype) -> (model, 
 "classification" (a sequence classifier with a fresh `num_labels` head; `num_labels == 1` is regression) or
 "lm" (a causal language model), and `dtype` one of "fp32" | "bf16" | "fp16" (the dtype the whole model is
 loaded in; adapters injected later keep their own fp32 parameters). The Hydra configs in `configs/model/`
-point at these functions and pass `model.dtype`.
+point at these functions and pass `model.dtype` and `model.quantization` (null | "nf4" | "fp4" | "int8": a
+bitsandbytes-quantized frozen base, vbshare/quantization.py; a folder loads through transformers'
+`BitsAndBytesConfig`, a model built in memory is quantized in place; the heads stay unquantized).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 
 from .assets import minilm_dir, smollm2_gguf
 from .errors import VBShareError
+from .quantization import bnb_config, check_quantization, quantize
+from .targets import HEAD_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +70,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+def _quantized_loading(quantization: str | None, dtype: str, device: str | None) -> dict:
+    """Extra `from_pretrained` arguments for model.quantization: transformers' BitsAndBytesConfig computing in
+    `dtype`, the task / LM heads left unquantized (they may be trained), the whole model on `device` (bitsandbytes
+    quantizes where it loads; Accelerate then trains it there). None: no extra arguments."""
+    if check_quantization(quantization) is None:
+        return {}
+    config = bnb_config(quantization, torch_dtype(dtype))
+    config.llm_int8_skip_modules = sorted(HEAD_NAMES)  # the name covers 4-bit too
+    return {"quantization_config": config, "device_map": {"": str(device or "cpu")}}
+
+
+def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, dtype: str = "fp32",
+                             quantization: str | None = None, device: str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification from a local transformers folder.
 
     The encoder's weights are pretrained; the classification head is new, initialised from `seed` (a head
-    saved in the folder is kept only when it has `num_labels` outputs).
+    saved in the folder is kept only when it has `num_labels` outputs). `quantization` / `device`: see
+    `_quantized_loading`.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -78,33 +95,48 @@ def load_sequence_classifier(path: str | Path, num_labels: int, seed: int = 0, d
     torch.manual_seed(seed)
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, dtype=weights_dtype, ignore_mismatched_sizes=True)
+            str(path), num_labels=num_labels, dtype=weights_dtype, ignore_mismatched_sizes=True,
+            **_quantized_loading(quantization, dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
 
-def load_causal_lm(path: str | Path, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
-    """(model, tokenizer) of a causal language model from a local transformers folder."""
+def load_causal_lm(path: str | Path, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
+                   device: str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a causal language model from a local transformers folder (`quantization` /
+    `device`: see `_quantized_loading`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     weights_dtype = torch_dtype(dtype)
     torch.manual_seed(seed)
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights_dtype,
+                                                     **_quantized_loading(quantization, dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
 
-def load_minilm_classifier(num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+def load_minilm_classifier(num_labels: int, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
+                           device: str | None = None) -> tuple[nn.Module, object]:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, FFN 1536) with a fresh `num_labels` head."""
-    return load_sequence_classifier(minilm_dir(), num_labels, seed, dtype)
+    return load_sequence_classifier(minilm_dir(), num_labels, seed, dtype, quantization, device)
+
+
+def _built_in_memory(model: nn.Module, dtype: str, quantization: str | None, device: str | None) -> nn.Module:
+    """A model built in-process (initialised in fp32, the same numbers for every dtype) cast to `dtype`, then, for
+    model.quantization, moved to `device` and quantized there (`vbshare.quantization.quantize`)."""
+    model = model.to(torch_dtype(dtype))
+    if check_quantization(quantization) is None:
+        return model
+    return quantize(model.to(device or "cpu"), quantization, compute_dtype=torch_dtype(dtype))
 
 
 # -- Hydra-facing loaders (configs/model/*.yaml) ------------------------------------------------------------------
-def minilm(task: str, num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+def minilm(task: str, num_labels: int, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
+           device: str | None = None) -> tuple[nn.Module, object]:
     """all-MiniLM-L6-v2 from its package folder; classification only (it is an encoder)."""
     _check_task(task, ("classification",), "minilm")
-    return load_minilm_classifier(num_labels, seed, dtype)
+    return load_minilm_classifier(num_labels, seed, dtype, quantization, device)
 
 
 def tiny_bert(
@@ -117,6 +149,8 @@ def tiny_bert(
     intermediate_size: int = 128,
     max_positions: int = 512,
     dtype: str = "fp32",
+    quantization: str | None = None,
+    device: str | None = None,
 ) -> tuple[nn.Module, object]:
     """A small randomly initialised BERT built in-process (no files), with MiniLM's tokenizer (vocab 30,522)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -134,7 +168,48 @@ def tiny_bert(
         num_labels=num_labels,
     )
     torch.manual_seed(seed)  # initialised in fp32 (the same numbers for every dtype), then cast
-    return BertForSequenceClassification(config).to(weights_dtype), tokenizer
+    return _built_in_memory(BertForSequenceClassification(config), dtype, quantization, device), tokenizer
+
+
+def tiny_llama(
+    task: str,
+    num_labels: int = 0,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 512,
+    dtype: str = "fp32",
+    quantization: str | None = None,
+    device: str | None = None,
+) -> tuple[nn.Module, object]:
+    """A small randomly initialised Llama (grouped-query attention, SwiGLU MLP) built in-process (no files), with
+    MiniLM's tokenizer (vocab 30,522; its [SEP] ends each text, as a decoder's EOS does). A causal LM for
+    task "lm", a last-token classifier (`score` head) for "classification"."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    _check_task(task, TASKS, "tiny_llama")
+    torch_dtype(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tokenizer.eos_token = tokenizer.sep_token
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        num_labels=max(num_labels, 1),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+    torch.manual_seed(seed)  # initialised in fp32 (the same numbers for every dtype), then cast
+    model = LlamaForCausalLM(config) if task == "lm" else LlamaForSequenceClassification(config)
+    return _built_in_memory(model, dtype, quantization, device), tokenizer
 
 
 def cache_dir() -> Path:
@@ -182,20 +257,23 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-def smollm2_135m(task: str, num_labels: int = 0, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+def smollm2_135m(task: str, num_labels: int = 0, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
+                 device: str | None = None) -> tuple[nn.Module, object]:
     """SmolLM2-135M (decoder, 30 layers, hidden 576, FFN 1536) from the packaged Q4_1 GGUF, via the fp32 cache."""
     _check_task(task, TASKS, "smollm2_135m")
-    torch_dtype(dtype)  # a bad dtype fails before the one-time conversion
+    torch_dtype(dtype)  # a bad dtype or quantization fails before the one-time conversion
+    check_quantization(quantization)
     folder = convert_gguf(smollm2_gguf(), cache_dir() / SMOLLM2_CACHE_NAME)
     if task == "lm":
-        model, tokenizer = load_causal_lm(folder, seed, dtype)
+        model, tokenizer = load_causal_lm(folder, seed, dtype, quantization, device)
     else:
-        model, tokenizer = load_sequence_classifier(folder, num_labels, seed, dtype)
+        model, tokenizer = load_sequence_classifier(folder, num_labels, seed, dtype, quantization, device)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
 
-def hf(task: str, num_labels: int, name: str, seed: int = 0, dtype: str = "fp32") -> tuple[nn.Module, object]:
+def hf(task: str, num_labels: int, name: str, seed: int = 0, dtype: str = "fp32", quantization: str | None = None,
+       device: str | None = None) -> tuple[nn.Module, object]:
     """Any transformers model (`model=hf model.loader.name=...`): a local folder (config.json, weights and
     tokenizer files, as save_pretrained writes them) or a Hugging Face Hub name.
 
@@ -204,12 +282,13 @@ def hf(task: str, num_labels: int, name: str, seed: int = 0, dtype: str = "fp32"
     """
     _check_task(task, TASKS, f"hf:{name}")
     torch_dtype(dtype)
+    check_quantization(quantization)
     source = locate_model(name)
     try:
         if task == "lm":
-            model, tokenizer = load_causal_lm(source, seed, dtype)
+            model, tokenizer = load_causal_lm(source, seed, dtype, quantization, device)
         else:
-            model, tokenizer = load_sequence_classifier(source, num_labels, seed, dtype)
+            model, tokenizer = load_sequence_classifier(source, num_labels, seed, dtype, quantization, device)
     except (OSError, ValueError) as err:  # missing files in a folder / cache, unknown architecture
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VBShareError(f"cannot load transformers model {name!r} ({first}); check model.loader.name") from None

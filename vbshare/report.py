@@ -175,6 +175,13 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
+def _model_label(summary: dict[str, Any]) -> Any:
+    """The run's model as the report names it: the loader's name, with the frozen base's quantization when it
+    had one ("smollm2_135m nf4"), so quantized and full-precision runs are told apart."""
+    quantization = summary.get("base_quantization")
+    return f"{summary.get('model')} {quantization}" if quantization else summary.get("model")
+
+
 def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     summary = json.loads((run_dir / SUMMARY).read_text())
     if not isinstance(summary, dict):
@@ -201,7 +208,7 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     used_split, value = _headline(summary, split)
     spec = trainer.get("sparsify")  # the sparsifying stages' schedule, or None
     identity = {
-        "method": summary.get("method"), "model": summary.get("model"), "task": summary.get("task"),
+        "method": summary.get("method"), "model": _model_label(summary), "task": summary.get("task"),
         "hyperparameters": {k: v for k, v in hyper.items() if k != "targets"},
         "targets": hyper.get("targets"),
         "trainer": {k: trainer.get(k) for k in TRAINER_KEYS},
@@ -215,7 +222,7 @@ def _run_row(run_dir: Path, split: str | None) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "method": summary.get("method"),
-        "model": summary.get("model"),
+        "model": _model_label(summary),
         "task": summary.get("task"),
         "metric": summary.get("metric"),
         "split": used_split,

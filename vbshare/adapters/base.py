@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..checks import integer, number
 from ..errors import VBShareError
+from ..quantization import dequantized_weight, plain_linear, quantization_of
 from ..targets import linear_shape
 
 STATE_ATTR = "vbshare"  # the attribute of an adapted model that holds its `AdapterState`
@@ -226,7 +227,10 @@ class LowRankAdapter(nn.Module):
         """The frozen base weight as a plain (out, in) tensor, whatever the layer stores: a transformers Conv1D's
         (in, out) weight transposed. For methods whose init reads the base (an SVD of W, say). It is a view of
         the stored weight where one exists: do not write into it (merge does that, through `_add_to_base`).
-        A weight on the meta device stays on it (planning without weights)."""
+        A weight on the meta device stays on it (planning without weights). A quantized base (bitsandbytes
+        4-bit / 8-bit) gives a new dequantized tensor, in the dtype it computes with (`dequantized_weight`)."""
+        if quantization_of(self.base_layer):
+            return dequantized_weight(self.base_layer)  # (out, in)
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight  # (out, in)
 
@@ -262,10 +266,19 @@ class LowRankAdapter(nn.Module):
         return result + (F.linear(h, B) * scale).to(result.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add ΔW into the base weight in place; a second call does nothing."""
+    def merge(self, dequantize: bool = False) -> None:
+        """Add ΔW into the base weight in place; a second call does nothing. A quantized base takes ΔW only
+        with `dequantize=True`, which first replaces it by a plain Linear holding its dequantized weight
+        (`dequantize_base`); re-quantizing W + ΔW would lose most of ΔW, so that is never done."""
         if self.merged:
             return
+        quantization = quantization_of(self.base_layer)
+        if quantization and not dequantize:
+            raise VBShareError(f"{self.name}'s base weight is {quantization}-quantized and cannot take ΔW (re-quantizing "
+                               "would lose most of it); merge with dequantize=True (vbshare.merge(model, "
+                               "dequantize=True)), which replaces it by a plain Linear holding W + ΔW")
+        if quantization:
+            self.dequantize_base()
         self._add_to_base(self.delta_weight(), sign=1.0)
         self.merged = True
 
@@ -276,6 +289,12 @@ class LowRankAdapter(nn.Module):
             return
         self._add_to_base(self.delta_weight(), sign=-1.0)
         self.merged = False
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base layer by a frozen `nn.Linear` holding its dequantized weight and bias (what a
+        dequantized merge writes into); a plain base stays as it is."""
+        if quantization_of(self.base_layer):
+            self.base_layer = plain_linear(self.base_layer)
 
     def _add_to_base(self, delta: Tensor, sign: float) -> None:
         weight = self.base_layer.weight

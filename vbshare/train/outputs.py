@@ -75,6 +75,7 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
         "method": written["method"],
         "task": run.task.name,
         "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
+        "base_quantization": cfg.model.get("quantization"),  # null, or the frozen base's nf4 | fp4 | int8
         "hyperparameters": written["hyperparameters"],
         "metric": run.task.metric,
         "label_names": list(run.task.label_names),  # class id -> name as trained (evaluate checks new data against it)

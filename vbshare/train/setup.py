@@ -24,10 +24,11 @@ from transformers.utils import logging as hf_logging
 
 from ..data.tasks import Encoded, Task, tokenize_task
 from ..errors import VBShareError
+from ..quantization import check_quantization
 from . import checkpoints
 from .engine import Engine
 from .loggers import NullLogger
-from .modes import RunMode, run_mode
+from .modes import FULL_FINETUNE, RunMode, run_mode
 from .run import Run
 from .settings import TrainerSettings, read_settings
 
@@ -163,12 +164,31 @@ def check_snapshots(every: int | None, mode: RunMode) -> None:
                            "set trainer.snapshot_every=null")
 
 
-def build_task_and_model(cfg: DictConfig) -> tuple[Task, nn.Module, Any, dict[str, Encoded]]:
+def check_quantized_base(cfg: DictConfig, engine: Engine) -> None:
+    """model.quantization (a bitsandbytes-quantized frozen base) before anything loads: a known kind with
+    bitsandbytes installed, an adapter to train around it (its packed weights take no gradient), and not sharded
+    by FSDP (it shards plain tensors, not packed codes with their scales)."""
+    quantization = check_quantization(cfg.model.get("quantization"))
+    if quantization is None:
+        return
+    adapter = cfg.get("adapter")
+    if adapter is None or adapter.get("method") == FULL_FINETUNE:
+        raise VBShareError(f"model.quantization={quantization} freezes the base in packed form, so full fine-tuning "
+                           "cannot train it; add +adapter=<method> or set model.quantization=null")
+    if engine.sharded:
+        raise VBShareError(f"model.quantization={quantization} with trainer.strategy=fsdp: FSDP cannot shard "
+                           "bitsandbytes' packed weights; use trainer.strategy=ddp (a 4-bit base is small already)")
+
+
+def build_task_and_model(cfg: DictConfig, device: torch.device | None = None) -> tuple[Task, nn.Module, Any, dict[str, Encoded]]:
     """The task (`cfg.data`), a fresh model and its tokenizer (`cfg.model`; seeded by `cfg.seed`) and the
-    tokenised splits, capped at trainer.max_examples: what training and `vbshare.evaluate` start from."""
+    tokenised splits, capped at trainer.max_examples: what training and `vbshare.evaluate` start from.
+    `device`: where a quantized base (model.quantization) is quantized and kept; other bases load on the CPU."""
     task: Task = instantiate(cfg.data)
+    placement = {"device": str(device)} if device is not None and cfg.model.get("quantization") else {}
     with no_loading_bars():
-        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed)
+        model, tokenizer = instantiate(cfg.model.loader, task=task.kind, num_labels=task.num_labels, seed=cfg.seed,
+                                       **placement)
     return task, model, tokenizer, tokenize_task(task, tokenizer, cfg.trainer.max_examples)
 
 
@@ -198,7 +218,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     log.info("device %s%s, precision %s", engine.device, f" ({threads} threads)" if threads else "", engine.precision)
     set_seed(settings.seed)
 
-    task, model, tokenizer, data = build_task_and_model(cfg)
+    check_quantized_base(cfg, engine)
+    task, model, tokenizer, data = build_task_and_model(cfg, engine.device)
     set_dropout(model, t.dropout)
     if len(data["train"]) < t.batch_size:
         raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
