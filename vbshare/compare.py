@@ -25,10 +25,10 @@ A point is named after its method, plus its size when sizes are given (`lora-r8`
 
 One writer: the comparison holds compare.out (vbshare/locks.py: .writer.lock, .writer.json naming the holder) from
 before Hydra writes there to the end, so a second comparison into the same folder is refused in one line. A run
-directory without summary.json is an attempt that did not finish: it is emptied (all but request.json) and
-trained again from the start, so its metrics.jsonl and checkpoint are the new attempt's alone.
+directory without a summary (vbshare.rundir) is an attempt that did not finish: it is emptied (all but
+request.json) and trained again from the start, so its metrics log and checkpoint are the new attempt's alone.
 
-Continuing: a run directory holding summary.json is finished and reused. The trials are re-derived from the
+Continuing: a run directory holding a summary is finished and reused. The trials are re-derived from the
 finished runs: a seeded TPE sampler asked again with the same told scores proposes the same parameters, so an
 interrupted comparison continues where it stopped and ends as an uninterrupted one would. Each run records
 the overrides it was made with (request.json); a run whose request differs (other settings, other search
@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from . import locks, report
 from .checkpoint import atomic_write
 from .errors import VBShareError, WriteError
+from .rundir import SUMMARY, RunDir
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
 from .train.modes import to_python
@@ -72,7 +73,7 @@ from .train.settings import CompareSettings, Settings, read_settings
 log = logging.getLogger("vbshare.compare")
 
 GROUPS = ("model", "data", "optim", "trainer", "logger")  # the config groups forwarded to every run
-SUMMARY, REQUEST = "summary.json", "request.json"
+REQUEST = "request.json"  # the overrides a comparison asked of a run folder (not a run record)
 ROOT_KEY = "/"  # a search key starting with it is from the config root (e.g. /optim.full_finetune_lr)
 SEARCH_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 FAILURE_TAIL_LINES = 20  # lines of a failed run's output kept in its failure.txt
@@ -86,7 +87,7 @@ class Point:
     """One method at one size: tuned in stage 1, seeded in stage 2."""
 
     method: str  # the adapter config's name (configs/adapter/<method>.yaml)
-    summary_method: str  # the method its runs report in summary.json (e.g. full -> full_finetune)
+    summary_method: str  # the method its runs report in their summary (e.g. full -> full_finetune)
     search: dict[str, dict[str, Any]]  # Optuna space: key -> {low, high, log, step} or {choices}
     size_key: str | None = None
     size: Any = None
@@ -175,7 +176,7 @@ def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:
 # ==================================================================================================== running
 @dataclass
 class Runner:
-    """Starts one training run (or reuses a finished one) and returns its summary.json."""
+    """Starts one training run (or reuses a finished one) and returns its summary."""
 
     isolate: bool
     started: int = 0  # runs trained by this invocation (the rest were reused)
@@ -184,10 +185,10 @@ class Runner:
 
     def run(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
         check_request(run_dir, overrides)
-        if (run_dir / SUMMARY).is_file():
+        if RunDir(run_dir).finished:
             with self._count_lock:
                 self.reused += 1
-            return json.loads((run_dir / SUMMARY).read_text())
+            return RunDir(run_dir).read_summary()
         start_afresh(run_dir)
         atomic_write(run_dir / REQUEST, json.dumps({"overrides": overrides}, indent=2).encode())
         with self._count_lock:
@@ -196,10 +197,10 @@ class Runner:
             self._subprocess(overrides, run_dir)
         else:
             self._in_process(overrides, run_dir)
-        if not (run_dir / SUMMARY).is_file():
+        if not RunDir(run_dir).finished:
             raise VBShareError(f"the run in {run_dir} ended without {SUMMARY} (trainer.stop_at_step set?); "
                                "remove that setting and run the comparison again to continue")
-        return json.loads((run_dir / SUMMARY).read_text())
+        return RunDir(run_dir).read_summary()
 
     def _subprocess(self, overrides: list[str], run_dir: Path) -> None:
         command = [sys.executable, "-m", "vbshare.train", *overrides, f"hydra.run.dir={hydra_value(str(run_dir))}"]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .adapters.base import STATE_ATTR, adapters, state_of
 from .adapters.unilora import theta_scales
-from .checkpoint import serialise
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, serialise  # one adapter-folder layout, PEFT's
 from .core import (check_module_tensors, freeze_adapter, head_modules, inject, injected_or_undone, load_adapter_tensors,
                    module_tensors, stored_tensors)
 from .errors import VBShareError
@@ -41,8 +41,6 @@ from .files import atomic_write
 
 PEFT_PREFIX = "base_model.model."
 PEFT_BANK = "base_model.vblora_vector_bank"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 ExportFn = Callable[[nn.Module, bool], tuple[dict[str, Any], dict[str, Tensor]]]
 ImportFn = Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], nn.Module]

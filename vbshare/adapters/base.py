@@ -134,7 +134,7 @@ class AdapterState(nn.Module):
     # -- what a training run records about the method (the training app calls these; no method names there) ---
     def sharing_pattern(self) -> dict[str, Any] | None:
         """A compact JSON-able record of what the method shares or keeps (docs/methods.md §4), written into a
-        run's summary.json (SoRA: retained rank per module; ASLoRA: number of merges). Default: None."""
+        run's summary (SoRA: retained rank per module; ASLoRA: number of merges). Default: None."""
         return None
 
     def run_records(self) -> dict[str, list[dict[str, Any]]]:

@@ -11,7 +11,7 @@ SIGINT / SIGTERM: see interrupt.py), so that `trainer.resume` redoes no step.
 
 A NaN or infinite loss or gradient norm (`take_step`, under `trainer.nonfinite`): `stop` ends the run with one
 error line before anything of that step is written (the last checkpoint stays the last good one); `skip_step`
-drops that step's update, warns and counts it (`run.skipped_steps`, in summary.json).
+drops that step's update, warns and counts it (`run.skipped_steps`, in the summary).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def refuse_nonfinite_state(run: "Run", what: str) -> None:
 
 
 def finite_or_none(value: float) -> float | None:
-    """metrics.jsonl holds plain JSON: a NaN or infinite value (a skipped step's loss) is written as null."""
+    """The metrics log holds plain JSON: a NaN or infinite value (a skipped step's loss) is written as null."""
     return value if math.isfinite(value) else None
 
 

@@ -26,6 +26,7 @@ import vbshare
 from ..files import atomic_torch_save, atomic_write, read_tensors, writing
 from ..errors import VBShareError
 from ..registry import METHODS
+from ..rundir import ADAPTER, RunDir  # ADAPTER: the adapter folder, in a checkpoint too
 
 log = logging.getLogger("vbshare.train")
 
@@ -36,10 +37,8 @@ HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_
 # space and the name of the size hyperparameter).
 NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr", "search", "size_key")
 NOT_INJECTED_KEYS = ("method", "lr", "search", "size_key")  # every other key is an argument of vbshare.inject
-ADAPTER = "adapter"  # the adapter folder (vbshare.save_adapter) in a checkpoint and in a finished run
 WEIGHTS = "weights.pt"  # full fine-tuning / head-only checkpoints: the trained weights by name
 HEAD_FILE = "head.safetensors"  # head-only: the trained head of a finished run, in adapter/
-FULL_MODEL = "model"  # full fine-tuning: the fine-tuned model of a finished run (save_pretrained)
 
 
 def to_python(value: Any) -> Any:
@@ -144,7 +143,7 @@ class AdapterMode(RunMode):
 
     def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The run's adapter/ (its stored form, with the head), injected into the fresh base."""
-        return vbshare.load_adapter(model, run_dir / ADAPTER, check_base=check_base)
+        return vbshare.load_adapter(model, RunDir(run_dir).adapter, check_base=check_base)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
@@ -154,7 +153,7 @@ class AdapterMode(RunMode):
         for file_name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history.jsonl
             atomic_write(run_dir / file_name, "".join(json.dumps(row) + "\n" for row in rows).encode())
         # the method's stored form (`saved_form`: SoRA writes its pruned LoRA)
-        vbshare.save_adapter(model, run_dir / ADAPTER, modules=self.head_modules)
+        vbshare.save_adapter(model, RunDir(run_dir).adapter, modules=self.head_modules)
         adapter = self.cfg.adapter
         return {
             "method": self.name,
@@ -188,7 +187,7 @@ class FullFinetune(RunMode):
         """The fine-tuned model/ folder (save_pretrained: model.safetensors), in the base's dtype. Only the
         safetensors weights are read: a pickled pytorch_model.bin in the folder is never loaded (and the
         base's own class loads it, so no code the folder's config.json names runs)."""
-        folder = run_dir / FULL_MODEL
+        folder = RunDir(run_dir).full_model
         if not (folder / "config.json").is_file():
             raise VBShareError(f"{folder} holds no fine-tuned model (config.json); is {run_dir} a finished run?")
         if not any(folder.glob("model*.safetensors")):
@@ -197,8 +196,9 @@ class FullFinetune(RunMode):
         return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype, use_safetensors=True)
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        with writing(run_dir / FULL_MODEL):  # a full disk: one line naming the file
-            model.save_pretrained(str(run_dir / FULL_MODEL))
+        folder = RunDir(run_dir).full_model
+        with writing(folder):  # a full disk: one line naming the file
+            model.save_pretrained(str(folder))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"method": self.name, "hyperparameters": {"lr": self.cfg.optim.full_finetune_lr},
                 "trainable_parameters": trainable, "head_parameters": 0, "stored_parameters": trainable,
@@ -224,7 +224,7 @@ class HeadOnly(RunMode):
 
     def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The trained head (adapter/head.safetensors) into the fresh base."""
-        path = run_dir / ADAPTER / HEAD_FILE
+        path = RunDir(run_dir).adapter / HEAD_FILE
         if not path.is_file():
             raise VBShareError(f"{path} is missing; is {run_dir} a finished head-only run?")
         head = safetensors.torch.load_file(str(path))
@@ -235,12 +235,13 @@ class HeadOnly(RunMode):
 
     def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         head = {k: v.detach().cpu().contiguous() for k, v in self.trained_state(model).items()}
-        atomic_write(run_dir / ADAPTER / HEAD_FILE, safetensors.torch.save(head))
+        path = RunDir(run_dir).adapter / HEAD_FILE
+        atomic_write(path, safetensors.torch.save(head))
         count = sum(v.numel() for v in head.values())
         return {"method": self.name, "hyperparameters": {"lr": to_python(self.cfg.adapter.lr)},
                 "trainable_parameters": count, "head_parameters": count,
                 "stored_parameters": 0,  # no adapter: the head is reported separately (docs/methods.md §4)
-                "adapter_bytes": (run_dir / ADAPTER / HEAD_FILE).stat().st_size, "sharing": None}
+                "adapter_bytes": path.stat().st_size, "sharing": None}
 
 
 def run_mode(cfg: DictConfig, task_kind: str) -> RunMode:

@@ -6,17 +6,17 @@ knob (SoRA: λ, or ξ with `adapter.threshold=constant`) rises through a schedul
 clipping) at a constant learning rate (each group's peak lr × `lr_factor`: the dense stage's decay ended at 0).
 After every stage the method writes its record (SoRA: `<run>/sora_stages.jsonl`: retained rank per module,
 non-zero adapter parameters, memorisation = the task's scores on a fixed training subset, generalisation = on
-validation, each also relative to the dense stage), the record's numbers go to metrics.jsonl
+validation, each also relative to the dense stage), the record's numbers go to the metrics log
 (`"split": "sparsify_stage"`), and with `snapshots` the training-form adapter goes to `snapshots/stage_<i>/`.
 The run then saves and summarises the final stage as usual (SoRA's saved form is the pruned LoRA);
-summary.json gains `sparsify.stages`, one line of numbers per stage.
+the summary gains `sparsify.stages`, one line of numbers per stage.
 
 The app names no method: the adapter state's `sparsifier` hook (the adapter contract) validates the schedule
 before the first step and runs the stages; a method without a sparsity knob refuses with one line.
 
 Checkpoints: none are written during the stages. A run interrupted there resumes (`trainer.resume`) from its
 last dense-stage checkpoint and runs every stage again from the start; the stage file, snapshots and
-metrics.jsonl are replaced or trimmed as they go (each write is atomic), so nothing is left half-written.
+the metrics log are replaced or trimmed as they go (each write is atomic), so nothing is left half-written.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import vbshare
 from ..checks import is_integer
 from ..data.tasks import Encoded
 from ..errors import VBShareError
+from ..rundir import RunDir
 from .evaluation import evaluate, format_scores
 from .loop import finite_or_none, take_step
 from .outputs import write_metrics
@@ -43,8 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vbshare.train")
 
 MEMORISE_SPLIT = "sparsify_memorise"  # the fixed training subset, added to run.data during the stages only
-SNAPSHOTS = "snapshots"
-STAGE_SPLIT = "sparsify_stage"  # metrics.jsonl rows of the stage records
+STAGE_SPLIT = "sparsify_stage"  # the metrics log's rows of the stage records
 
 
 def sparsify_stages(run: "Run") -> Callable[[], None] | None:
@@ -120,7 +120,7 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: S
             return
         engine.reshard()  # every process, before rank 0 alone reads the weights (as before a checkpoint)
         if run.is_main:
-            vbshare.save_adapter(run.model, run.run_dir / SNAPSHOTS / f"stage_{record.get('stage', 0):02d}",
+            vbshare.save_adapter(run.model, RunDir(run.run_dir).stage_snapshot(record.get("stage", 0)),
                                  modules=run.mode.head_modules, stored_form=False)
 
     try:
