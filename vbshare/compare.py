@@ -67,7 +67,7 @@ from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
 from .train.modes import to_python
 from .train.loop import Diverged
-from .train.metrics import higher_is_better
+from .metrics import higher_is_better
 from .train.settings import CompareSettings, Settings, read_settings
 
 log = logging.getLogger("vbshare.compare")

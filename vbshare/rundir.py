@@ -38,6 +38,9 @@ ADAPTER = "adapter"
 FULL_MODEL = "model"
 CHECKPOINT = "checkpoint"
 SNAPSHOTS = "snapshots"
+# The method a summary reports for the two baselines (every other run reports its adapter method's name).
+FULL_FINETUNE = "full_finetune"  # `+adapter=full` (or no adapter): every weight trains
+HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_modules) trains
 SNAPSHOT_NAME = re.compile(r"^(?:step|stage)_(\d+)$")  # snapshots/step_<N> or snapshots/stage_<i>
 # What a run leaves in its folder as soon as it starts, or later: any of them means the folder holds a run.
 RUN_RECORDS = (CONFIG, METRICS, SUMMARY, CHECKPOINT, f".{CHECKPOINT}.old", ADAPTER, FULL_MODEL)

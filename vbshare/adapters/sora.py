@@ -135,7 +135,7 @@ class SoRAState(AdapterState):
     def sharing_pattern(self) -> dict[str, Any]:
         ranks = {name: 0 for name in self.targets}
         ranks.update({name: adapter.retained_rank for name, adapter in self._adapters.items()})
-        return {"retained_ranks": ranks}
+        return {"retained_rank": sum(ranks.values()), "retained_ranks": ranks}  # in all, and per module
 
     def saved_form(self, model: nn.Module) -> nn.Module:
         """A pruned copy (plain LoRA with per-module ranks); the model itself is left as it is.
@@ -359,9 +359,9 @@ def sparsify(
             splits[0] (a FIXED training subset: "memorisation") and splits[1] (the eval set: "generalisation").
         out: JSONL file, one record per stage, rewritten (atomically) after every stage with the records so far.
         on_stage: called with each record as soon as its stage is done (e.g. to log it or snapshot the gates).
-    Each record: stage, lam, threshold, steps, total_steps, ranks {module: r_kept}, r_max, retained_rank,
-    nonzero_params (Σ r_kept·(in+out)), param_fraction (of the dense stage's), memorisation, generalisation and
-    their *_rel (ratio to the dense stage).
+    Each record: stage, lam, threshold, knob (what lam is: `lambda`, or `xi` with threshold=constant), steps,
+    total_steps, ranks {module: r_kept}, r_max, retained_rank, nonzero_params (Σ r_kept·(in+out)), param_fraction
+    (of the dense stage's), memorisation, generalisation and their *_rel (ratio to the dense stage).
     """
     if not isinstance(schedule, SparsifySchedule):
         schedule = SparsifySchedule(**(schedule or {}))
@@ -391,6 +391,7 @@ def sparsify(
             "schedule": schedule.schedule,
             "lam": lam,
             "threshold": state.config.threshold,
+            "knob": "xi" if state.config.threshold == "constant" else "lambda",  # what `lam` is, for reports
             "steps": steps,
             "total_steps": total,
             "ranks": ranks,

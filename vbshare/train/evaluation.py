@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.tasks import Encoded, Task
 from ..files import atomic_write
-from . import metrics as M
+from .. import metrics as M
 from .batches import IGNORE_INDEX, collate, forward_loss, lm_targets
 
 if TYPE_CHECKING:

@@ -26,12 +26,10 @@ import vbshare
 from ..files import atomic_torch_save, atomic_write, read_tensors, writing
 from ..errors import VBShareError
 from ..registry import METHODS
-from ..rundir import ADAPTER, RunDir  # ADAPTER: the adapter folder, in a checkpoint too
+from ..rundir import ADAPTER, FULL_FINETUNE, HEAD_ONLY, RunDir  # ADAPTER: the adapter folder, in a checkpoint too
 
 log = logging.getLogger("vbshare.train")
 
-FULL_FINETUNE = "full_finetune"  # `+adapter=full` (or no adapter): every weight trains
-HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_modules) trains
 # Keys of an adapter config that are not the method's hyperparameters (the summary's "hyperparameters"
 # lists the others): where it goes, learning rates, and what the comparison app reads (its Optuna search
 # space and the name of the size hyperparameter).

@@ -70,11 +70,11 @@ def first_examples(data: Encoded, count: int) -> Encoded:
 
 
 def flat_record(record: dict[str, Any], metric: str) -> dict[str, Any]:
-    """A stage record's plain numbers, plus the task metric of its score dicts (`memorisation_accuracy`,
-    `memorisation_accuracy_rel`, ...)."""
+    """A stage record's plain numbers and the name of its knob (`knob`), plus the task metric of its score dicts
+    (`memorisation_accuracy`, `memorisation_accuracy_rel`, ...)."""
     flat = {}
     for key, value in record.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or key == "knob" and isinstance(value, str):
             flat[key] = value
         elif isinstance(value, dict) and isinstance(value.get(metric), (int, float)):
             base, rel, _ = key.partition("_rel")
