@@ -3,9 +3,9 @@
 The comparison protocol, read top to bottom: plan -> stage 1 (tuning) -> stage 2 (seeds) -> stage 3 (report).
 
 plan:    one *point* per method in `compare.methods`, or one per size when `compare.sizes` lists that method's
-         size values (the knob named by `size_key` in configs/adapter/<method>.yaml).
+         size values (the knob named by `size_key` in configs/search/<method>.yaml).
 stage 1: for every point the same number of Optuna TPE trials (`compare.trials`, sampler seeded with
-         `compare.sampler_seed`) over the method's `search` space, each a training run with
+         `compare.sampler_seed`) over the method's `search` space (configs/search/<method>.yaml), each a training run with
          `trainer.eval_test=false`: scored on the validation split, the test split is never evaluated.
 stage 2: the best trial of every point re-run with each of `compare.seeds` (the same seeds for every point: the
          same data order and head init), scored on test; `compare.seeds=N` means seeds 0, 1, ..., N-1.
@@ -63,9 +63,9 @@ from . import locks, report
 from .checkpoint import atomic_write
 from .errors import VBShareError, WriteError
 from .rundir import SUMMARY, RunDir
+from .search_spaces import read_search
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
-from .train.modes import to_python
 from .train.loop import Diverged
 from .metrics import higher_is_better
 from .train.settings import CompareSettings, Settings, read_settings
@@ -142,13 +142,13 @@ def adapter_config(method: str, overrides: list[str]) -> DictConfig:
 
 def check_search(method: str, search: dict[str, Any]) -> None:
     if not search:
-        raise VBShareError(f"configs/adapter/{method}.yaml has no `search` space; add one (e.g. "
+        raise VBShareError(f"configs/search/{method}.yaml has no `search` space; add one (e.g. "
                            "search: {lr.head: {low: 1.0e-4, high: 3.0e-2, log: true}}) to compare it")
     for key, spec in search.items():
         ok = isinstance(spec, dict) and set(spec) <= SEARCH_SPEC_KEYS and (
             ("choices" in spec and set(spec) == {"choices"}) or {"low", "high"} <= set(spec))
         if not ok:
-            raise VBShareError(f"configs/adapter/{method}.yaml search.{key}: give {{low: ..., high: ..., log: true}} "
+            raise VBShareError(f"configs/search/{method}.yaml search.{key}: give {{low: ..., high: ..., log: true}} "
                                f"or {{choices: [...]}}, got {spec!r}")
 
 
@@ -157,16 +157,15 @@ def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:
     sizes = settings.sizes or {}
     points = []
     for method in settings.methods:
-        adapter = adapter_config(method, overrides)
-        search = to_python(adapter.get("search")) or {}
+        space = read_search(method)
+        search, size_key = space.search, space.size_key
         check_search(method, search)
-        size_key = adapter.get("size_key")
-        summary_method = adapter.get("method")
+        summary_method = adapter_config(method, overrides).get("method")
         if method not in sizes:
             points.append(Point(method, summary_method, search))
             continue
         if not size_key:
-            raise VBShareError(f"compare.sizes gives sizes for {method}, but configs/adapter/{method}.yaml has no "
+            raise VBShareError(f"compare.sizes gives sizes for {method}, but configs/search/{method}.yaml has no "
                                "size_key naming the knob they set")
         tuned = {k: v for k, v in search.items() if k != size_key}  # a size point fixes the size
         points.extend(Point(method, summary_method, tuned, size_key, size) for size in sizes[method])

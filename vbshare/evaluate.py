@@ -55,6 +55,7 @@ log = logging.getLogger("vbshare.evaluate")
 # What decides a finished run's scores: the composed config must agree with the run's resolved config on these
 # (dotted prefixes), except the adapter keys that only steer training and tuning.
 DECISIVE_KEYS = ("model", "data", "adapter", "seed", "trainer.max_examples")
+# (adapter.search / adapter.size_key: in the configs of runs made before compare's spaces moved to configs/search/)
 TRAINING_ONLY_KEYS = ("adapter.lr", "adapter.search", "adapter.size_key")
 OWN_KEYS = ("run_dir", "split", "predictions", "out", "check_base")  # command-line keys of this app; the rest override the config
 DATA_GROUP = "data"

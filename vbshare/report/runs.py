@@ -13,6 +13,7 @@ import pandas as pd
 from ..errors import VBShareError
 from ..records import flatten
 from ..rundir import CONFIG, FULL_FINETUNE, SUMMARY, RunDir, find_runs
+from ..search_spaces import read_search
 
 # Trainer settings that define a configuration (runs differing only in seed are pooled; threads, device,
 # progress bars and checkpoints do not change what is trained).
@@ -63,7 +64,8 @@ def _run_row(folder: RunDir, split: str | None) -> dict[str, Any]:
     trainer = config.get("trainer") or {}
     adapter = config.get("adapter") or {}
     hyper = {k: v for k, v in (summary.get("hyperparameters") or {}).items() if k not in COMPARE_ONLY_KEYS}
-    size_key = adapter.get("size_key")
+    # the method's size knob: recorded in the config of older runs, else its comparison search space's
+    size_key = adapter.get("size_key") or read_search(str(adapter.get("method"))).size_key
     used_split, value = _headline(summary, split)
     spec = trainer.get("sparsify")  # the sparsifying stages' schedule, or None
     identity = {

@@ -31,10 +31,9 @@ from ..rundir import ADAPTER, FULL_FINETUNE, HEAD_ONLY, RunDir  # ADAPTER: the a
 log = logging.getLogger("vbshare.train")
 
 # Keys of an adapter config that are not the method's hyperparameters (the summary's "hyperparameters"
-# lists the others): where it goes, learning rates, and what the comparison app reads (its Optuna search
-# space and the name of the size hyperparameter).
-NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr", "search", "size_key")
-NOT_INJECTED_KEYS = ("method", "lr", "search", "size_key")  # every other key is an argument of vbshare.inject
+# lists the others): which method, where it goes, and its learning rates.
+NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr")
+NOT_INJECTED_KEYS = ("method", "lr")  # every other key is an argument of vbshare.inject
 WEIGHTS = "weights.pt"  # full fine-tuning / head-only checkpoints: the trained weights by name
 HEAD_FILE = "head.safetensors"  # head-only: the trained head of a finished run, in adapter/
 
