@@ -3,6 +3,7 @@
 and the summary. Rank 0 alone writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -69,23 +70,19 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
         write_metrics(run, {"step": run.step, "split": f"final_{split}", **scores})
         log.info("final %s %s", split, format_scores(scores))
     cfg, engine = run.cfg, run.engine
-    written = run.mode.save_outputs(run.model, run.run_dir)
+    written = dataclasses.asdict(run.mode.save_outputs(run.model, run.run_dir))  # the mode's fields, in order
     wall_seconds = run.wall_seconds()
     summary = {
-        "method": written["method"],
+        "method": written.pop("method"),
         "task": run.task.name,
         "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
-        "hyperparameters": written["hyperparameters"],
+        "hyperparameters": written.pop("hyperparameters"),
         "metric": run.task.metric,
         "label_names": list(run.task.label_names),  # class id -> name as trained (evaluate checks new data against it)
         "final": final,
         "best": run.best,
         "steps": run.step,
-        "trainable_parameters": written["trainable_parameters"],
-        "head_parameters": written["head_parameters"],
-        "stored_parameters": written["stored_parameters"],
-        "sharing": written["sharing"],
-        "adapter_bytes": written["adapter_bytes"],
+        **written,  # trainable / head / stored parameters, sharing, adapter_bytes (modes.Outputs)
         "wall_time_s": round(wall_seconds, 3),  # summed over resumed segments
         "train_time_s": round(run.train_seconds, 3),
         "steps_per_s": round(run.step / max(run.train_seconds, 1e-9), 4),  # over every resumption's time

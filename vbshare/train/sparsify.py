@@ -34,7 +34,7 @@ from ..data.tasks import Encoded
 from ..errors import VBShareError
 from ..rundir import RunDir
 from .evaluation import evaluate, format_scores
-from .loop import finite_or_none, take_step
+from .loop import loss_text, set_lr, step_record, take_step
 from .outputs import write_metrics
 from .settings import SparsifySettings
 
@@ -94,17 +94,15 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: S
 
     def train_steps(n_steps: int, knob: float) -> None:
         """n more optimiser steps at the constant stage learning rate, logged like the loop's."""
-        for group in run.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * spec.lr_factor
+        set_lr(run, spec.lr_factor)
         engine.wrapped.train()
         for _ in range(n_steps):
             stats = take_step(run)
             bar.update(1)
             if run.step % t.log_every == 0:
-                loss = finite_or_none(engine.sum_over_processes(stats.loss).item())
-                write_metrics(run, {"step": run.step, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
-                                    "sparsity": knob})
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skipped", knob=f"{knob:.3g}")
+                record = {**step_record(run, stats), "sparsity": knob}
+                write_metrics(run, record)
+                bar.set_postfix(loss=loss_text(record["loss"]), knob=f"{knob:.3g}")
 
     def score(split: str) -> dict[str, float]:
         """"train": the fixed training subset; otherwise the held-out split. The task metric comes first."""
@@ -120,8 +118,7 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: S
             return
         engine.reshard()  # every process, before rank 0 alone reads the weights (as before a checkpoint)
         if run.is_main:
-            vbshare.save_adapter(run.model, RunDir(run.run_dir).stage_snapshot(record.get("stage", 0)),
-                                 modules=run.mode.head_modules, stored_form=False)
+            run.mode.save_snapshot(run.model, RunDir(run.run_dir).stage_snapshot(record.get("stage", 0)))
 
     try:
         records = runner(train_steps, score, run.run_dir if run.is_main else None, on_stage)
