@@ -8,6 +8,7 @@
     adapter/            the trained adapter in its stored form (vbshare.save_adapter; head-only: the head)
     model/              full fine-tuning: the fine-tuned model (save_pretrained)
     checkpoint/         resumable state (.checkpoint.tmp / .checkpoint.old while it is swapped in)
+    <name>.jsonl        a method's own records (merge_history, sora_stages: AdapterState.run_records, stages)
     snapshots/          step_<N>/ (trainer.snapshot_every) and stage_<i>/ (sparsifying stages): training-form
                         adapter folders, what vbshare.analysis reads
 
@@ -112,6 +113,11 @@ class RunDir:
     def stage_snapshot(self, stage: int) -> Path:
         """trainer.sparsify.snapshots: the training-form adapter after sparsifying stage `stage`."""
         return self.snapshots / f"stage_{stage:02d}"
+
+    def record(self, name: str) -> Path:
+        """A method's own JSON-lines record, `<name>.jsonl` (AdapterState.run_records: ASLoRA's merge_history;
+        the sparsifying stages: `<method>_stages`, e.g. sora_stages)."""
+        return self.path / f"{name}.jsonl"
 
     def records(self) -> list[str]:
         """The RUN_RECORDS this folder holds (any of them: the folder holds a run)."""

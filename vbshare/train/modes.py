@@ -160,8 +160,8 @@ class AdapterMode(RunMode):
         state = vbshare.state_of(model)
         for folder, options in state.extra_saves.items():  # e.g. VB-LoRA's top-k form in adapter_topk/
             vbshare.save_adapter(model, run_dir / folder, modules=self.head_modules, **options)
-        for file_name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history.jsonl
-            atomic_write(run_dir / file_name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        for name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history
+            atomic_write(RunDir(run_dir).record(name), "".join(json.dumps(row) + "\n" for row in rows).encode())
         # the method's stored form (`saved_form`: SoRA writes its pruned LoRA)
         vbshare.save_adapter(model, RunDir(run_dir).adapter, modules=self.head_modules)
         adapter = self.cfg.adapter

@@ -4,7 +4,7 @@ The normal training (`trainer.max_steps`, warmup and decay) is the dense stage. 
 knob (SoRA: λ, or ξ with `adapter.threshold=constant`) rises through a schedule; each stage trains
 `stage_steps` more optimiser steps through the app's own step (`train_step`, the engine, micro-batches,
 clipping) at a constant learning rate (each group's peak lr × `lr_factor`: the dense stage's decay ended at 0).
-After every stage the method writes its record (SoRA: `<run>/sora_stages.jsonl`: retained rank per module,
+After every stage the method's record goes to `<run>/<method>_stages.jsonl` (SoRA: retained rank per module,
 non-zero adapter parameters, memorisation = the task's scores on a fixed training subset, generalisation = on
 validation, each also relative to the dense stage), the record's numbers go to the metrics log
 (`"split": "sparsify_stage"`), and with `snapshots` the training-form adapter goes to `snapshots/stage_<i>/`.
@@ -59,7 +59,7 @@ def sparsify_stages(run: "Run") -> Callable[[], None] | None:
         raise VBShareError("trainer.sparsify needs an adapter with a sparsity knob; this run trains no adapter "
                            "(add +adapter=<method>) or drop trainer.sparsify")
     runner = state.sparsifier(run.model, {**spec.schedule, "dense_steps": 0})  # the dense stage is already trained
-    return lambda: _run_stages(run, runner, spec)
+    return lambda: _run_stages(run, runner, spec, f"{state.method}_stages")
 
 
 def first_examples(data: Encoded, count: int) -> Encoded:
@@ -82,7 +82,8 @@ def flat_record(record: dict[str, Any], metric: str) -> dict[str, Any]:
     return flat
 
 
-def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: SparsifySettings) -> None:
+def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: SparsifySettings,
+                record_name: str) -> None:
     t, engine, metric = run.settings.trainer, run.engine, run.task.metric
     held_out = "validation" if "validation" in run.data else run.task.eval_splits[0]
     run.data[MEMORISE_SPLIT] = first_examples(run.data["train"], spec.memorise_examples)
@@ -121,7 +122,8 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: S
             run.mode.save_snapshot(run.model, RunDir(run.run_dir).stage_snapshot(record.get("stage", 0)))
 
     try:
-        records = runner(train_steps, score, run.run_dir if run.is_main else None, on_stage)
+        out = RunDir(run.run_dir).record(record_name) if run.is_main else None  # rank 0 writes: sora_stages.jsonl
+        records = runner(train_steps, score, out, on_stage)
     finally:
         bar.close()
         del run.data[MEMORISE_SPLIT]
