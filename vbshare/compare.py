@@ -63,7 +63,7 @@ from . import locks, report
 from .checkpoint import atomic_write
 from .errors import VBShareError, WriteError
 from .rundir import SUMMARY, RunDir
-from .search_spaces import read_search
+from .search_spaces import check_search, read_search
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
 from .train.loop import Diverged
@@ -75,7 +75,6 @@ log = logging.getLogger("vbshare.compare")
 GROUPS = ("model", "data", "optim", "trainer", "logger")  # the config groups forwarded to every run
 REQUEST = "request.json"  # the overrides a comparison asked of a run folder (not a run record)
 ROOT_KEY = "/"  # a search key starting with it is from the config root (e.g. /optim.full_finetune_lr)
-SEARCH_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 FAILURE_TAIL_LINES = 20  # lines of a failed run's output kept in its failure.txt
 CHILD_ENV: dict[str, str] = dict(os.environ)  # the environment runs start in (before main() sets debug flags)
 BUSY_HINT = "use another compare.out"
@@ -138,18 +137,6 @@ def base_overrides(cfg: DictConfig) -> list[str]:
 def adapter_config(method: str, overrides: list[str]) -> DictConfig:
     """configs/adapter/<method>.yaml composed as the train app would (defaults and interpolations applied)."""
     return compose("train", overrides=[*overrides, f"+adapter={method}"]).adapter
-
-
-def check_search(method: str, search: dict[str, Any]) -> None:
-    if not search:
-        raise VBShareError(f"configs/search/{method}.yaml has no `search` space; add one (e.g. "
-                           "search: {lr.head: {low: 1.0e-4, high: 3.0e-2, log: true}}) to compare it")
-    for key, spec in search.items():
-        ok = isinstance(spec, dict) and set(spec) <= SEARCH_SPEC_KEYS and (
-            ("choices" in spec and set(spec) == {"choices"}) or {"low", "high"} <= set(spec))
-        if not ok:
-            raise VBShareError(f"configs/search/{method}.yaml search.{key}: give {{low: ..., high: ..., log: true}} "
-                               f"or {{choices: [...]}}, got {spec!r}")
 
 
 def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import VBShareError
 
+SEARCH_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 SEARCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "search"  # repo-root configs/ (editable install)
 
 
@@ -49,3 +50,16 @@ def read_search(name: str) -> SearchSpace:
         raise VBShareError(f"{path} holds {', '.join(map(str, unknown))}; a search file holds only search and size_key")
     size_key = loaded.get("size_key")
     return SearchSpace(dict(loaded.get("search") or {}), None if size_key is None else str(size_key))
+
+
+def check_search(method: str, search: dict[str, Any]) -> None:
+    """Refuse an empty space, or an entry that is neither a range {low, high[, log, step]} nor {choices}."""
+    if not search:
+        raise VBShareError(f"configs/search/{method}.yaml has no `search` space; add one (e.g. "
+                           "search: {lr.head: {low: 1.0e-4, high: 3.0e-2, log: true}}) to compare it")
+    for key, spec in search.items():
+        ok = isinstance(spec, dict) and set(spec) <= SEARCH_SPEC_KEYS and (
+            ("choices" in spec and set(spec) == {"choices"}) or {"low", "high"} <= set(spec))
+        if not ok:
+            raise VBShareError(f"configs/search/{method}.yaml search.{key}: give {{low: ..., high: ..., log: true}} "
+                               f"or {{choices: [...]}}, got {spec!r}")

@@ -101,7 +101,7 @@ def summarise(runs: pd.DataFrame, control: str = DEFAULT_CONTROL) -> pd.DataFram
     table = pd.DataFrame(rows)
     reference = _control_reference(table, control)
     against = []
-    read = functools.cache(read_predictions)  # each run's predictions.jsonl parsed once (the control's serve every row)
+    read = functools.cache(read_predictions)  # each run's predictions parsed once (the control's serve every row)
     for i in table.index:
         ref = reference.get(table.at[i, "model"])
         shared = [] if ref is None or ref == i else sorted(set(seed_scores[i].index) & set(seed_scores[ref].index))
