@@ -114,7 +114,7 @@ def _run_stages(run: "Run", runner: Callable[..., list[dict[str, Any]]], spec: S
         flat = flat_record(record, metric)
         write_metrics(run, {"step": run.step, "split": STAGE_SPLIT, **{k: v for k, v in flat.items() if k != "step"}})
         log.info("sparsify stage %s: %s", record.get("stage"), format_scores(
-            {k: v for k, v in flat.items() if k not in ("stage", "steps", "total_steps")}))
+            {k: v for k, v in flat.items() if k not in ("stage", "steps", "total_steps", "knob")}))
         if not spec.snapshots:
             return
         engine.reshard()  # every process, before rank 0 alone reads the weights (as before a checkpoint)
