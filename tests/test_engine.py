@@ -200,9 +200,13 @@ def test_eval_test_false_never_scores_the_test_split(tmp_path):
 
 
 # -- adapter config keys that are not hyperparameters ---------------------------------------------------------
-def test_search_space_and_size_key_stay_out_of_inject(tmp_path):
-    summary = train(["+adapter=lora", *BASE, "trainer.max_steps=1"], tmp_path)  # lora.yaml has search, size_key
-    assert {"search", "size_key"} <= set(yaml.safe_load((tmp_path / "config.yaml").read_text())["adapter"])
+def test_search_space_and_size_key_stay_out_of_the_training_app(tmp_path):
+    """compare's search space and size knob live in configs/search/, which the training app never composes."""
+    from vbshare.search_spaces import read_search
+
+    assert read_search("lora").size_key == "r" and "lr.A" in read_search("lora").search
+    summary = train(["+adapter=lora", *BASE, "trainer.max_steps=1"], tmp_path)
+    assert not {"search", "size_key"} & set(yaml.safe_load((tmp_path / "config.yaml").read_text())["adapter"])
     assert summary["hyperparameters"]["r"] == 8
     assert "search" not in summary["hyperparameters"] and "size_key" not in summary["hyperparameters"]
 

@@ -88,7 +88,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_module_list_covers_the_layers():
     for name in ("vbshare.adapters.base", "vbshare.registry", "vbshare.core", "vbshare.checkpoint",
-                 "vbshare.accounting", "vbshare.peft", "vbshare.train.loop", "vbshare.report"):
+                 "vbshare.accounting", "vbshare.peft", "vbshare.train.loop", "vbshare.report",
+                 "vbshare.rundir", "vbshare.report.stats", "vbshare.report.cli"):
         assert name in MODULES
 
 
@@ -121,6 +122,28 @@ def test_accounting_does_not_need_the_serialiser():
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
         a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert "serialise" not in names and not any(n.startswith("safetensors") for n in names)
+
+
+def reachable_from(name: str, graph: dict[str, set[str]]) -> set[str]:
+    reachable, todo = set(), [name]
+    while todo:
+        for needed in graph[todo.pop()] - reachable:
+            reachable.add(needed)
+            todo.append(needed)
+    return reachable
+
+
+def test_reading_finished_runs_needs_no_training_code():
+    """The run folder's owner sits below the training app; the report, the comparison's statistics and the
+    metrics read runs through it without the app (which pulls in Accelerate)."""
+    graph = import_graph()
+    for reader in ("vbshare.rundir", "vbshare.metrics", "vbshare.report", "vbshare.report.table",
+                   "vbshare.report.plots", "vbshare.report.runs"):
+        training = sorted(n for n in reachable_from(reader, graph) if n == "vbshare.train" or n.startswith("vbshare.train."))
+        assert not training, f"{reader} needs the training app: {training}"
+    app = reachable_from("vbshare.train.app", graph)
+    assert "vbshare.rundir" in app  # the app writes through the run folder's owner
+    assert "vbshare.report" not in app and "vbshare.compare" not in app
 
 
 def test_no_internal_import_is_deferred_into_a_function():

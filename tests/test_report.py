@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vbshare import report
+from vbshare.report import plots
 from vbshare.errors import VBShareError
 
 
@@ -76,7 +77,7 @@ def runs_root(tmp_path):
              size_key="num_vectors")  # dominated, one seed
     for seed, acc in enumerate(SORA):
         make_run(root, f"sora_{seed}", "sora", seed, acc, 600.0, {"r": 8, "lam": 3},
-                 sharing={"retained_ranks": {"a": 3, "b": 2}})
+                 sharing={"retained_rank": 5, "retained_ranks": {"a": 3, "b": 2}})  # as SoRA reports it
     make_run(root, "full_0", "full_finetune", 0, 0.95, 2.0e7, {"lr": 1e-4}, adapter_bytes=None)
     make_run(root, "head_0", "head_only", 0, 0.70, 0.0, {"lr": {"head": 5e-3}})
     make_run(root, "head_1", "head_only", 1, 0.72, 0.0, {"lr": {"head": 5e-3}})
@@ -360,9 +361,9 @@ def test_report_goes_on_without_the_per_example_test_when_data_differs(tmp_path,
 
 
 # ======================================================================================= sparsifying stages
-def stage_records(ranks: list[int], scores: list[float], lams: list[float]) -> list[dict]:
+def stage_records(ranks: list[int], scores: list[float], lams: list[float], knob: str = "lambda") -> list[dict]:
     """summary.json's sparsify.stages as vbshare.train.sparsify writes them (flat_record, metric accuracy)."""
-    return [{"stage": i, "lam": lam, "steps": 10, "total_steps": 10 * i, "r_max": 8, "retained_rank": r,
+    return [{"stage": i, "lam": lam, "knob": knob, "steps": 10, "total_steps": 10 * i, "r_max": 8, "retained_rank": r,
              "nonzero_params": 100 * r, "param_fraction": r / ranks[0], "memorisation_accuracy": 1.0,
              "generalisation_accuracy": score, "memorisation_accuracy_rel": 1.0,
              "generalisation_accuracy_rel": score / scores[0]}
@@ -383,7 +384,7 @@ def test_stages_csv_and_plot(tmp_path):
     make_run(root, "sora_1", "sora", 1, 0.7, 600.0, hyper, sparsify={**SCHEDULE, "snapshots": False},
              stages=stage_records([16, 12, 2], [0.88, 0.8, 0.7], [0.0, 10.0, 20.0]))
     make_run(root, "sora_xi", "sora", 0, 0.8, 600.0, {**hyper, "threshold": "constant"}, sparsify=SCHEDULE,
-             stages=stage_records([16, 3], [0.9, 0.6], [0.0, 0.5]))
+             stages=stage_records([16, 3], [0.9, 0.6], [0.0, 0.5], knob="xi"))
     make_run(root, "lora_0", "lora", 0, 0.9, 1000.0, {"r": 8})  # no stages: no rows
     runs = report.collect_runs(root)
     assert len(report.summarise(runs)) == 3  # lora and two sora configurations: snapshots=false does not split one
@@ -407,23 +408,20 @@ def test_stages_csv_and_plot(tmp_path):
     assert (tmp_path / "out" / "sparsity_stages.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stages_plot_axes_from_zero(tmp_path):
+def test_stages_plot_axes_from_zero(tmp_path, monkeypatch):
     make_run(tmp_path, "sora_0", "sora", 0, 0.8, 600.0, {"r": 8}, sparsify=SCHEDULE,
              stages=stage_records([16, 9], [0.9, 0.85], [0.0, 10.0]))
     stages = report.stage_table(report.collect_runs(tmp_path))
     captured = {}
-    original = report._figure
+    original = plots._figure
 
     def spy(figsize):
         fig, ax = original(figsize)
         captured["ax"] = ax
         return fig, ax
 
-    report._figure = spy
-    try:
-        report.stages_plot(stages, tmp_path / "stages.png")
-    finally:
-        report._figure = original
+    monkeypatch.setattr(plots, "_figure", spy)
+    report.stages_plot(stages, tmp_path / "stages.png")
     ax = captured["ax"]
     assert ax.get_xlim()[0] == 0.0 and ax.get_ylim()[0] == 0.0
     assert "retained rank" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
@@ -444,3 +442,71 @@ def test_sparsified_runs_are_their_own_configuration(tmp_path):
     labels = sorted(report.summarise(report.collect_runs(tmp_path))["label"])
     assert labels == ["sora sparsify=linear 2x10 to 20 config 2", "sora sparsify=linear 2x10 to 20 config 3",
                       "sora sparsify=off"]
+
+
+# ========================================================================================= what the report shows
+def _captured_axes(monkeypatch) -> list:
+    """The axes of every figure the report draws from now on."""
+    drawn, original = [], plots._figure
+
+    def spy(figsize):
+        fig, ax = original(figsize)
+        drawn.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plots, "_figure", spy)
+    return drawn
+
+
+def test_single_seed_rows_show_no_spread(runs_root):
+    md = report.markdown_table(report.summarise(report.collect_runs(runs_root)))
+    assert "| vblora num_vectors=128 | 1 | 0.8000 |  |" in md  # one seed: the value alone, no "± 0.0000"
+    assert "± 0.0000" not in md
+    assert "| lora | 3 | 0.8967 ± 0.0153 |" in md
+
+
+def test_pareto_legend_names_only_what_is_drawn(tmp_path, monkeypatch):
+    axes = _captured_axes(monkeypatch)
+    make_run(tmp_path, "lora", "lora", 0, 0.90, 100.0, {"r": 8})
+    make_run(tmp_path, "vblora", "vblora", 0, 0.95, 50.0, {"r": 4})  # fewer parameters, better: the front alone
+    report.pareto_plot(report.summarise(report.collect_runs(tmp_path)), tmp_path / "pareto.png")
+    labels = [text.get_text() for text in axes[-1].get_legend().get_texts()]
+    assert labels == ["lora", "vblora"]  # a front of one point is not drawn, so not named
+    lines = [line for line in axes[-1].get_lines() if line.get_label() == "Pareto front"]
+    assert lines == []
+
+
+def test_pareto_legend_names_a_drawn_front(runs_root, tmp_path, monkeypatch):
+    axes = _captured_axes(monkeypatch)
+    report.pareto_plot(report.summarise(report.collect_runs(runs_root)), tmp_path / "pareto.png")
+    (front,) = [line for line in axes[-1].get_lines() if line.get_label() == "Pareto front"]
+    assert list(front.get_xdata()) == [50.0, 2.0e7]  # vblora num_vectors=64, then full fine-tuning
+    assert "Pareto front" in [text.get_text() for text in axes[-1].get_legend().get_texts()]
+
+
+def test_overlapping_curves_stay_visible_on_whole_steps(tmp_path, monkeypatch):
+    axes = _captured_axes(monkeypatch)
+    same = [(1, 0.5), (2, 0.7), (3, 0.8)]  # three configurations with identical curves
+    make_run(tmp_path, "lora_8", "lora", 0, 0.9, 100.0, {"r": 8}, size_key="r", curve=same)
+    make_run(tmp_path, "lora_4", "lora", 0, 0.9, 50.0, {"r": 4}, size_key="r", curve=same)
+    make_run(tmp_path, "vera", "vera", 0, 0.9, 10.0, {"r": 4}, curve=same)
+    runs = report.collect_runs(tmp_path)
+    report.curves_plot(runs, report.summarise(runs), tmp_path / "curves.png")
+    lines = axes[-1].get_lines()
+    assert len(lines) == 3
+    assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == 3  # each its own style
+    assert all(line.get_alpha() < 1 and line.get_markerfacecolor() == "none" for line in lines)  # see-through
+    ticks = [t for t in axes[-1].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # optimiser steps: no 1.5, 2.5
+
+
+@pytest.mark.slow
+def test_reading_runs_loads_no_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, vbshare.report; "
+            "assert 'vbshare.train' not in sys.modules and 'accelerate' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith(('vbshare.train', 'accelerate')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -92,6 +92,7 @@ def test_stages_shrink_gates_by_the_scheduled_xi(tmp_path):
     assert summary["steps"] == 4 + n * steps  # trainer=debug's 4 dense steps, then the stages
     assert [s["retained_rank"] for s in summary["sparsify"]["stages"]] == [r["retained_rank"] for r in records]
     assert summary["sparsify"]["stages"][-1]["generalisation_accuracy"] == records[-1]["generalisation"]["accuracy"]
+    assert {s["knob"] for s in summary["sparsify"]["stages"]} == {"xi"}  # threshold=constant: ξ, named by the method
 
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     stage_rows = [m for m in metrics if m.get("split") == "sparsify_stage"]

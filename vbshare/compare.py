@@ -3,9 +3,9 @@
 The comparison protocol, read top to bottom: plan -> stage 1 (tuning) -> stage 2 (seeds) -> stage 3 (report).
 
 plan:    one *point* per method in `compare.methods`, or one per size when `compare.sizes` lists that method's
-         size values (the knob named by `size_key` in configs/adapter/<method>.yaml).
+         size values (the knob named by `size_key` in configs/search/<method>.yaml).
 stage 1: for every point the same number of Optuna TPE trials (`compare.trials`, sampler seeded with
-         `compare.sampler_seed`) over the method's `search` space, each a training run with
+         `compare.sampler_seed`) over the method's `search` space (configs/search/<method>.yaml), each a training run with
          `trainer.eval_test=false`: scored on the validation split, the test split is never evaluated.
 stage 2: the best trial of every point re-run with each of `compare.seeds` (the same seeds for every point: the
          same data order and head init), scored on test; `compare.seeds=N` means seeds 0, 1, ..., N-1.
@@ -25,10 +25,10 @@ A point is named after its method, plus its size when sizes are given (`lora-r8`
 
 One writer: the comparison holds compare.out (vbshare/locks.py: .writer.lock, .writer.json naming the holder) from
 before Hydra writes there to the end, so a second comparison into the same folder is refused in one line. A run
-directory without summary.json is an attempt that did not finish: it is emptied (all but request.json) and
-trained again from the start, so its metrics.jsonl and checkpoint are the new attempt's alone.
+directory without a summary (vbshare.rundir) is an attempt that did not finish: it is emptied (all but
+request.json) and trained again from the start, so its metrics log and checkpoint are the new attempt's alone.
 
-Continuing: a run directory holding summary.json is finished and reused. The trials are re-derived from the
+Continuing: a run directory holding a summary is finished and reused. The trials are re-derived from the
 finished runs: a seeded TPE sampler asked again with the same told scores proposes the same parameters, so an
 interrupted comparison continues where it stopped and ends as an uninterrupted one would. Each run records
 the overrides it was made with (request.json); a run whose request differs (other settings, other search
@@ -62,19 +62,19 @@ from tqdm.auto import tqdm
 from . import locks, report
 from .checkpoint import atomic_write
 from .errors import VBShareError, WriteError
+from .rundir import SUMMARY, RunDir
+from .search_spaces import check_search, read_search
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with, run_training
 from .train.folders import named_value, runs_one_job
-from .train.modes import to_python
 from .train.loop import Diverged
-from .train.metrics import higher_is_better
+from .metrics import higher_is_better
 from .train.settings import CompareSettings, Settings, read_settings
 
 log = logging.getLogger("vbshare.compare")
 
 GROUPS = ("model", "data", "optim", "trainer", "logger")  # the config groups forwarded to every run
-SUMMARY, REQUEST = "summary.json", "request.json"
+REQUEST = "request.json"  # the overrides a comparison asked of a run folder (not a run record)
 ROOT_KEY = "/"  # a search key starting with it is from the config root (e.g. /optim.full_finetune_lr)
-SEARCH_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 FAILURE_TAIL_LINES = 20  # lines of a failed run's output kept in its failure.txt
 CHILD_ENV: dict[str, str] = dict(os.environ)  # the environment runs start in (before main() sets debug flags)
 BUSY_HINT = "use another compare.out"
@@ -86,7 +86,7 @@ class Point:
     """One method at one size: tuned in stage 1, seeded in stage 2."""
 
     method: str  # the adapter config's name (configs/adapter/<method>.yaml)
-    summary_method: str  # the method its runs report in summary.json (e.g. full -> full_finetune)
+    summary_method: str  # the method its runs report in their summary (e.g. full -> full_finetune)
     search: dict[str, dict[str, Any]]  # Optuna space: key -> {low, high, log, step} or {choices}
     size_key: str | None = None
     size: Any = None
@@ -139,33 +139,20 @@ def adapter_config(method: str, overrides: list[str]) -> DictConfig:
     return compose("train", overrides=[*overrides, f"+adapter={method}"]).adapter
 
 
-def check_search(method: str, search: dict[str, Any]) -> None:
-    if not search:
-        raise VBShareError(f"configs/adapter/{method}.yaml has no `search` space; add one (e.g. "
-                           "search: {lr.head: {low: 1.0e-4, high: 3.0e-2, log: true}}) to compare it")
-    for key, spec in search.items():
-        ok = isinstance(spec, dict) and set(spec) <= SEARCH_SPEC_KEYS and (
-            ("choices" in spec and set(spec) == {"choices"}) or {"low", "high"} <= set(spec))
-        if not ok:
-            raise VBShareError(f"configs/adapter/{method}.yaml search.{key}: give {{low: ..., high: ..., log: true}} "
-                               f"or {{choices: [...]}}, got {spec!r}")
-
-
 def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:
     """The points of the comparison, in compare.methods order (sizes ascending as given)."""
     sizes = settings.sizes or {}
     points = []
     for method in settings.methods:
-        adapter = adapter_config(method, overrides)
-        search = to_python(adapter.get("search")) or {}
+        space = read_search(method)
+        search, size_key = space.search, space.size_key
         check_search(method, search)
-        size_key = adapter.get("size_key")
-        summary_method = adapter.get("method")
+        summary_method = adapter_config(method, overrides).get("method")
         if method not in sizes:
             points.append(Point(method, summary_method, search))
             continue
         if not size_key:
-            raise VBShareError(f"compare.sizes gives sizes for {method}, but configs/adapter/{method}.yaml has no "
+            raise VBShareError(f"compare.sizes gives sizes for {method}, but configs/search/{method}.yaml has no "
                                "size_key naming the knob they set")
         tuned = {k: v for k, v in search.items() if k != size_key}  # a size point fixes the size
         points.extend(Point(method, summary_method, tuned, size_key, size) for size in sizes[method])
@@ -175,7 +162,7 @@ def plan(settings: CompareSettings, overrides: list[str]) -> list[Point]:
 # ==================================================================================================== running
 @dataclass
 class Runner:
-    """Starts one training run (or reuses a finished one) and returns its summary.json."""
+    """Starts one training run (or reuses a finished one) and returns its summary."""
 
     isolate: bool
     started: int = 0  # runs trained by this invocation (the rest were reused)
@@ -184,10 +171,10 @@ class Runner:
 
     def run(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
         check_request(run_dir, overrides)
-        if (run_dir / SUMMARY).is_file():
+        if RunDir(run_dir).finished:
             with self._count_lock:
                 self.reused += 1
-            return json.loads((run_dir / SUMMARY).read_text())
+            return RunDir(run_dir).read_summary()
         start_afresh(run_dir)
         atomic_write(run_dir / REQUEST, json.dumps({"overrides": overrides}, indent=2).encode())
         with self._count_lock:
@@ -196,10 +183,10 @@ class Runner:
             self._subprocess(overrides, run_dir)
         else:
             self._in_process(overrides, run_dir)
-        if not (run_dir / SUMMARY).is_file():
+        if not RunDir(run_dir).finished:
             raise VBShareError(f"the run in {run_dir} ended without {SUMMARY} (trainer.stop_at_step set?); "
                                "remove that setting and run the comparison again to continue")
-        return json.loads((run_dir / SUMMARY).read_text())
+        return RunDir(run_dir).read_summary()
 
     def _subprocess(self, overrides: list[str], run_dir: Path) -> None:
         command = [sys.executable, "-m", "vbshare.train", *overrides, f"hydra.run.dir={hydra_value(str(run_dir))}"]

@@ -7,7 +7,7 @@
 
 A run folder is data, never code: the config is composed again from the project's own configs/ with the
 overrides the run recorded (its overrides.json), never instantiated from the folder. The composed config must
-agree with the run's config.yaml (read as plain YAML) on what decides the scores (model, data, the adapter's
+agree with the run's resolved config (read as plain YAML) on what decides the scores (model, data, the adapter's
 hyperparameters and targets, seed, trainer.max_examples), and every `_target_` in it must be one of vbshare's
 own builders; anything else is refused in one line. The training app's setup code then builds the task and a
 fresh base model, and the run mode loads what the run left (`adapter/` with the head, a full fine-tune's
@@ -20,7 +20,7 @@ An adapter is refused when the fresh base's weights are not those it was trained
 compares a small sample of them); `check_base=false` loads it anyway.
 
 Nothing in the run directory is written. The scores go to stdout as JSON; `predictions=true` (or `out=FOLDER`)
-also writes scores.json and predictions.jsonl (one row per example: index, label, prediction, correct, loss,
+also writes scores.json and the predictions (one row per example: index, label, prediction, correct, loss,
 class probabilities; a language model's per-example loss) into FOLDER, by default a new folder
 `evaluations/<run name>-<split>-<time>/` under the current directory.
 """
@@ -42,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import VBShareError
 from .files import atomic_write
 from .records import flatten
-from .train.app import CONFIG_DIR, CONFIG_FILE, OVERRIDES_FILE, USER_ERRORS, exit_with
+from .rundir import PREDICTIONS, RunDir
+from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
 from .train.engine import Engine
 from .train.evaluation import format_scores, score_split, write_predictions
 from .train.modes import run_mode
@@ -51,14 +52,14 @@ from .train.setup import build_task_and_model, check_builders, keep_trained_in_f
 
 log = logging.getLogger("vbshare.evaluate")
 
-# What decides a finished run's scores: the composed config must agree with the run's config.yaml on these
+# What decides a finished run's scores: the composed config must agree with the run's resolved config on these
 # (dotted prefixes), except the adapter keys that only steer training and tuning.
 DECISIVE_KEYS = ("model", "data", "adapter", "seed", "trainer.max_examples")
+# (adapter.search / adapter.size_key: in the configs of runs made before compare's spaces moved to configs/search/)
 TRAINING_ONLY_KEYS = ("adapter.lr", "adapter.search", "adapter.size_key")
 OWN_KEYS = ("run_dir", "split", "predictions", "out", "check_base")  # command-line keys of this app; the rest override the config
 DATA_GROUP = "data"
 DEFAULT_OUT_ROOT = "evaluations"
-PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
 
 
@@ -68,9 +69,10 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
 
 def recorded_overrides(run_dir: Path) -> list[str]:
     """The overrides the run was composed with (its overrides.json, read as JSON)."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise VBShareError(f"{run_dir / CONFIG_FILE} is missing; run_dir must be a folder written by python -m vbshare.train")
-    path = run_dir / OVERRIDES_FILE
+    folder = RunDir(run_dir)
+    if not folder.config.is_file():
+        raise VBShareError(f"{folder.config} is missing; run_dir must be a folder written by python -m vbshare.train")
+    path = folder.overrides
     if not path.is_file():
         raise VBShareError(f"{path} is missing: evaluation rebuilds a run from configs/ and the overrides it recorded "
                            "there, and this run recorded none (trained by an older vbshare, or by run_training "
@@ -85,8 +87,8 @@ def recorded_overrides(run_dir: Path) -> list[str]:
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml as plain data (yaml.safe_load: a Python tag is refused, never run)."""
-    path = run_dir / CONFIG_FILE
+    """The run's resolved config as plain data (yaml.safe_load: a Python tag is refused, never run)."""
+    path = RunDir(run_dir).config
     try:
         saved = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -110,18 +112,18 @@ def decisive(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_as_run(composed: DictConfig, run_dir: Path) -> None:
-    """Refuse a composed config that differs from the run's config.yaml on what decides the scores."""
+    """Refuse a composed config that differs from the run's resolved config on what decides the scores."""
     now, then = decisive(OmegaConf.to_container(composed, resolve=True)), decisive(saved_config(run_dir))
     for key in sorted(set(now) | set(then)):
         if now.get(key, "<absent>") != then.get(key, "<absent>"):
             raise VBShareError(
-                f"{key} is {then.get(key, '<absent>')!r} in {run_dir / CONFIG_FILE} but {now.get(key, '<absent>')!r} "
+                f"{key} is {then.get(key, '<absent>')!r} in {RunDir(run_dir).config} but {now.get(key, '<absent>')!r} "
                 "when configs/ are composed with the run's recorded overrides: the project's configs changed since "
                 "the run; evaluate it with the configs it was trained with")
 
 
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's config, composed from configs/ with its recorded overrides and checked against its config.yaml,
+    """The run's config, composed from configs/ with its recorded overrides and checked against its resolved config,
     then the evaluation's overrides applied (a `data=NAME` override composes that data config instead)."""
     recorded = recorded_overrides(run_dir)
     cfg = compose_train(recorded)
@@ -157,7 +159,7 @@ def check_outside(path: Path, run_dir: Path) -> None:
 def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[str] = (),
                  predictions_path: str | Path | None = None, check_base: bool = True) -> dict[str, Any]:
     """Load a finished run's trained weights onto a fresh base, score one split and optionally write
-    predictions.jsonl to `predictions_path` (outside the run directory). check_base=False loads an adapter
+    the per-example predictions to `predictions_path` (outside the run directory). check_base=False loads an adapter
     into a base whose weights differ from those it was trained on.
 
     Returns {"run_dir", "split", "task", "metric", "scores": {metric: value, ...}, "examples",
@@ -197,8 +199,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
 def check_same_labels(label_names: Sequence[str], run_dir: Path) -> None:
     """Refuse data whose classes differ from those the run trained on: class ids come from the sorted label
     names, so another label set would be scored against the wrong head rows without any error."""
-    summary_path = run_dir / "summary.json"
-    trained = json.loads(summary_path.read_text()).get("label_names") if summary_path.is_file() else None
+    folder = RunDir(run_dir)
+    trained = folder.read_summary().get("label_names") if folder.finished else None
     if trained and list(label_names) != list(trained):
         raise VBShareError(f"the data's labels {list(label_names)} are not the labels this run trained on "
                            f"{list(trained)}; score data with the same label set")

@@ -90,7 +90,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append `text` to `path` (created when missing): a log such as metrics.jsonl."""
+    """Append `text` to `path` (created when missing): a log such as a run's metrics."""
     with writing(path, exact=True), open(path, "a") as handle:
         handle.write(text)
 

@@ -13,7 +13,7 @@ log = logging.getLogger("vbshare.records")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every non-empty line of a JSON-lines file (metrics.jsonl, merge_history.jsonl, sora_stages.jsonl), each a
+    """Every non-empty line of a JSON-lines file (a run's metrics log, a method's records), each a
     JSON object.
 
     A torn last line (after the last newline, not valid JSON: a process killed while appending it) is dropped

@@ -326,7 +326,7 @@ class ASLoRAState(AdapterState):
         return {"merges": len(self.history)}
 
     def run_records(self) -> dict[str, list[dict[str, Any]]]:
-        return {"merge_history.jsonl": [dict(h) for h in self.history]}  # the sharing pattern (docs/methods.md §3)
+        return {"merge_history": [dict(h) for h in self.history]}  # the sharing pattern (docs/methods.md §3)
 
     # -- metadata --------------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

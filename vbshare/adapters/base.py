@@ -135,17 +135,19 @@ class AdapterState(nn.Module):
     # -- what a training run records about the method (the training app calls these; no method names there) ---
     def sharing_pattern(self) -> dict[str, Any] | None:
         """A compact JSON-able record of what the method shares or keeps (docs/methods.md §4), written into a
-        run's summary.json (SoRA: retained rank per module; ASLoRA: number of merges). Default: None."""
+        run's summary (SoRA: retained rank per module; ASLoRA: number of merges). Default: None."""
         return None
 
     def run_records(self) -> dict[str, list[dict[str, Any]]]:
-        """JSONL files a training run writes into its directory: file name -> rows (ASLoRA:
-        {"merge_history.jsonl": one row per merge}). Default: none."""
+        """The method's own records of a finished training: record name -> rows (ASLoRA: {"merge_history": one
+        row per merge}); where and how they are written is the caller's (the training app: `<run>/<name>.jsonl`).
+        Default: none."""
         return {}
 
     def sparsifier(self, model: nn.Module, schedule: dict[str, Any]) -> Callable[..., list[dict[str, Any]]]:
         """The method's sparsifying scheduler (the training app's `trainer.sparsify`), bound to `model` and a
-        schedule it validates now: `run(train_steps, evaluate, run_dir=None, on_stage=None) -> stage records`.
+        schedule it validates now: `run(train_steps, evaluate, out=None, on_stage=None) -> stage records` (`out`:
+        a JSON-lines file the caller chooses for the records, rewritten after every stage).
         It raises the method's sparsity knob stage by stage, asking `train_steps(n_steps, knob)` to continue
         training and `evaluate(split)` for scores ("train": a fixed training subset, "eval": held-out data).
         Only a method with such a knob has one (SoRA: λ); by default this raises."""

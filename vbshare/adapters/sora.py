@@ -19,7 +19,7 @@ sparsifying scheduler (`vbshare.sora` is the short public name of the last two):
 
 `train_steps(n_steps, lam)` and `evaluate(split)` are the caller's: the scheduler only sets λ on the model, asks
 for steps, and reads back the gates and the metrics. The training app runs it after its own (dense) training
-through the contract's `sparsifier` hook (`trainer.sparsify`), writing `<run>/sora_stages.jsonl`.
+through the contract's `sparsifier` hook (`trainer.sparsify`), which writes the records to `<run>/sora_stages.jsonl`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ from .lora import LoRA, LoRAConfig
 THRESHOLDS = ("lr_lambda", "constant")
 GATE_INITS = ("ones", "normal")
 SCHEDULES = ("linear", "log", "exp")
-STAGES_FILE = "sora_stages.jsonl"  # the stage records a training run with trainer.sparsify writes
 
 
 # -- the proximal operator: standalone, usable with any torch optimiser -----------------------------------------
@@ -135,7 +134,7 @@ class SoRAState(AdapterState):
     def sharing_pattern(self) -> dict[str, Any]:
         ranks = {name: 0 for name in self.targets}
         ranks.update({name: adapter.retained_rank for name, adapter in self._adapters.items()})
-        return {"retained_ranks": ranks}
+        return {"retained_rank": sum(ranks.values()), "retained_ranks": ranks}  # in all, and per module
 
     def saved_form(self, model: nn.Module) -> nn.Module:
         """A pruned copy (plain LoRA with per-module ranks); the model itself is left as it is.
@@ -148,8 +147,8 @@ class SoRAState(AdapterState):
 
     def sparsifier(self, model: nn.Module, schedule: Mapping[str, Any]) -> Callable[..., list[dict[str, Any]]]:
         """The sparsifying scheduler bound to `model` and a validated `SparsifySchedule(**schedule)`:
-        `run(train_steps, evaluate, run_dir=None, on_stage=None)` runs `sparsify`, writing
-        `<run_dir>/sora_stages.jsonl` when a run directory is given."""
+        `run(train_steps, evaluate, out=None, on_stage=None)` runs `sparsify`, writing the records to the JSON-lines
+        file `out` when given (the training app chooses it)."""
         known = set(SparsifySchedule.__dataclass_fields__)
         unknown = sorted(set(schedule) - known)
         if unknown:
@@ -159,9 +158,8 @@ class SoRAState(AdapterState):
         plan.validate()
 
         def run(train_steps: Callable[[int, float], Any], evaluate: Callable[[str], Any],
-                run_dir: str | os.PathLike | None = None,
+                out: str | os.PathLike | None = None,
                 on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-            out = Path(run_dir) / STAGES_FILE if run_dir is not None else None
             return sparsify(model, train_steps, evaluate, plan, out=out, on_stage=on_stage)
 
         return run
@@ -359,9 +357,9 @@ def sparsify(
             splits[0] (a FIXED training subset: "memorisation") and splits[1] (the eval set: "generalisation").
         out: JSONL file, one record per stage, rewritten (atomically) after every stage with the records so far.
         on_stage: called with each record as soon as its stage is done (e.g. to log it or snapshot the gates).
-    Each record: stage, lam, threshold, steps, total_steps, ranks {module: r_kept}, r_max, retained_rank,
-    nonzero_params (Σ r_kept·(in+out)), param_fraction (of the dense stage's), memorisation, generalisation and
-    their *_rel (ratio to the dense stage).
+    Each record: stage, lam, threshold, knob (what lam is: `lambda`, or `xi` with threshold=constant), steps,
+    total_steps, ranks {module: r_kept}, r_max, retained_rank, nonzero_params (Σ r_kept·(in+out)), param_fraction
+    (of the dense stage's), memorisation, generalisation and their *_rel (ratio to the dense stage).
     """
     if not isinstance(schedule, SparsifySchedule):
         schedule = SparsifySchedule(**(schedule or {}))
@@ -391,6 +389,7 @@ def sparsify(
             "schedule": schedule.schedule,
             "lam": lam,
             "threshold": state.config.threshold,
+            "knob": "xi" if state.config.threshold == "constant" else "lambda",  # what `lam` is, for reports
             "steps": steps,
             "total_steps": total,
             "ranks": ranks,

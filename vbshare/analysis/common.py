@@ -1,16 +1,14 @@
 """Reading run directories and adapter folders for the analysis notebooks.
 
-A run directory of `python -m vbshare.train` holds `config.yaml`, `metrics.jsonl`, `summary.json`, `adapter/`
-(the stored form), `adapter_topk/` (VB-LoRA), `merge_history.jsonl` (ASLoRA) and `checkpoint/adapter/` (the
+A run directory of `python -m vbshare.train` (vbshare.rundir names its files) holds its config, metrics log and
+summary, `adapter/` (the stored form), `adapter_topk/` (VB-LoRA), `merge_history.jsonl` (ASLoRA) and `checkpoint/adapter/` (the
 training form). The analysis adds one convention of its own: `snapshots/step_<N>/` (or `stage_<N>/`), adapter
 folders copied along the run (the trainer overwrites `checkpoint/` each time; `vbshare.analysis.demo` writes
 snapshots for its own small runs, and any list of `(step, folder)` pairs works the same way).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,11 +20,10 @@ from torch import Tensor
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from ..errors import VBShareError
 from ..records import read_jsonl  # noqa: F401  (re-exported for the analysis modules)
+from ..rundir import RunDir
 from ..targets import layer_index, module_role
 
 STATE_PREFIX = "vbshare."  # state_dict prefix of the model-wide shared tensors (VB-LoRA bank, ASLoRA A / B)
-SNAPSHOTS = "snapshots"
-_SNAPSHOT_NAME = re.compile(r"^(?:step|stage)_(\d+)$")
 
 PathLike = str | os.PathLike
 
@@ -200,19 +197,11 @@ def plot_layer_entry_heatmap(values: "pd.DataFrame", center: float, title: str, 
 
 def list_snapshots(run_dir: PathLike) -> list[tuple[int, Path]]:
     """`(step, adapter folder)` of every `<run_dir>/snapshots/step_<N>` (or `stage_<N>`), in step order."""
-    root = Path(run_dir) / SNAPSHOTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _SNAPSHOT_NAME.match(child.name)
-        if match and (child / CONFIG_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return [(step, folder) for step, folder in RunDir(run_dir).list_snapshots() if (folder / CONFIG_FILE).is_file()]
 
 
 def read_summary(run_dir: PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise VBShareError(f"{path} does not exist; the run has not finished (or this is not a run directory)")
-    return json.loads(path.read_text())
+    folder = RunDir(run_dir)
+    if not folder.finished:
+        raise VBShareError(f"{folder.summary} does not exist; the run has not finished (or this is not a run directory)")
+    return folder.read_summary()

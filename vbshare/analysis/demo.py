@@ -20,6 +20,7 @@ from hydra import initialize_config_dir
 
 from ..errors import VBShareError
 from ..registry import METHODS
+from ..rundir import RunDir
 from ..train import CONFIG_DIR, run_training
 from .common import PathLike
 
@@ -72,7 +73,7 @@ def train_run(method: str | None, run_dir: PathLike, overrides: Sequence[str] = 
     (`trainer.snapshot_every`).
     """
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
+    if RunDir(run_dir).finished:
         raise VBShareError(f"{run_dir} already holds a finished run; give an empty folder")
     values = dict(ACTIVE.get(method, {}) if hparams is None else hparams)
     base = [*DEMO, *overrides]
@@ -93,10 +94,10 @@ def sora_sparsify_run(run_dir: PathLike, schedule: dict[str, Any] | None = None,
     SORA_SCHEDULE); the dense stage is the app's normal training of SORA_DENSE_STEPS steps. Memorisation = the
     task metric on the training split (the debug trainer keeps a few examples, a fixed subset),
     generalisation = on the validation split. The run directory holds `sora_stages.jsonl`,
-    `snapshots/stage_<i>/` (training form, with gates), `adapter/` (pruned) and summary.json.
+    `snapshots/stage_<i>/` (training form, with gates), `adapter/` (pruned) and the summary.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
+    if RunDir(run_dir).finished:
         raise VBShareError(f"{run_dir} already holds a finished run; give an empty folder")
     stages = [f"trainer.sparsify.{k}={'null' if v is None else v}" for k, v in (schedule or SORA_SCHEDULE).items()]
     composed_with = [*DEMO, "+adapter=sora", *SORA_OVERRIDES, *hparam_overrides("sora", hparams or {}),

@@ -3,7 +3,7 @@
 Sources: the sparsifying scheduler's stage records (`<run>/sora_stages.jsonl`, written by the training app with
 `+trainer/sparsify=default`, or by `vbshare.sora.sparsify(..., out=...)`; read with `vbshare.sora.read_records`),
 adapter folders along a run (training form with gates in `snapshots/stage_<i>/`, or the pruned LoRA form whose
-`rank_pattern` holds the ranks) and summary.json's `sharing.retained_ranks`.
+`rank_pattern` holds the ranks) and the run summary's `sharing.retained_ranks`.
 
 Figures: the rank heatmap (modules × stages), the trade-off against λ, and score against retained rank and
 against retained adapter parameters, one point per stage (`plot_score_vs_retained`).

@@ -9,15 +9,15 @@ Data-parallel: `torchrun --nproc_per_node N -m vbshare.train ...` or `accelerate
 The parts, each in its own module: setup.py (engine, task, model, optimiser), modes.py (adapter / full
 fine-tuning / head-only), engine.py (Accelerate: processes, precision, DDP/FSDP), loop.py (the steps),
 step.py (one optimiser step), batches.py (data order, padding, losses), evaluation.py (scores, predictions),
-checkpoints.py (resume, snapshots), interrupt.py (SIGINT / SIGTERM), outputs.py (metrics.jsonl, summary.json),
+checkpoints.py (resume, snapshots), interrupt.py (SIGINT / SIGTERM), outputs.py (metrics, summary),
 sparsify.py (trainer.sparsify: stages after the dense training), folders.py (one writer and one run per folder).
 
 A resumption (`trainer.resume=<run dir>`) continues the run in its own folder: Hydra's output folder is set to
-it, so train.log, metrics.jsonl and summary.json stay one record per run. Ctrl-C or SIGTERM saves a checkpoint
+it, so train.log, the metrics log and the summary stay one record per run. Ctrl-C or SIGTERM saves a checkpoint
 at the end of the current step, prints one line with the command that continues, and exits with 130 / 143.
 
-Every run folder records the config it trained with twice: config.yaml (resolved, for people and vbshare.report)
-and overrides.json (the overrides it was composed with from configs/, which vbshare.evaluate composes again:
+Every run folder (vbshare.rundir) records the config it trained with twice: resolved as YAML (for people and
+vbshare.report) and as the overrides it was composed with from configs/, which vbshare.evaluate composes again:
 nothing in a run folder is ever instantiated).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..files import atomic_write
 from ..errors import VBShareError, WriteError
+from ..rundir import RunDir
 from . import checkpoints, folders, interrupt
 from .loop import Diverged, train
 from .outputs import save_outputs
@@ -50,8 +51,6 @@ from .sparsify import sparsify_stages
 log = logging.getLogger("vbshare.train")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # repo-root configs/ (editable install)
-CONFIG_FILE = "config.yaml"  # the resolved config, in every run folder
-OVERRIDES_FILE = "overrides.json"  # {"overrides": [...]}: what the config was composed with from CONFIG_DIR
 USER_ERRORS = (VBShareError, HydraException, OmegaConfBaseException)  # reported as one line, no traceback
 # Warnings that say nothing to a user of the app (a library's deprecated alias that another library reads);
 # everything else still shows.
@@ -66,11 +65,11 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """setup -> train -> save for a composed config; returns summary.json's content (None if stopped early,
+    """setup -> train -> save for a composed config; returns the summary's content (None if stopped early,
     and on every process but rank 0).
 
     Usable in-process with Hydra's compose API: `run_training(compose("train", overrides), tmp_dir, overrides)`.
-    `overrides`: what `cfg` was composed with from configs/, recorded in the run folder's overrides.json so
+    `overrides`: what `cfg` was composed with from configs/, recorded in the run folder (rundir.OVERRIDES) so
     that vbshare.evaluate can rebuild the run (without them, the run trains but cannot be evaluated again).
     SIGINT / SIGTERM during the run: a checkpoint of the current step, then `TrainingInterrupted`.
     The run's folder is held while it runs (one writer per folder) and a fresh run refuses one holding another run.
@@ -100,9 +99,10 @@ def _train(cfg: DictConfig, run_dir: Path, started: float, overrides: list[str] 
     run.segment_started = started  # wall time counts model loading too (earlier segments: from the checkpoint)
     try:
         if run.is_main:
-            atomic_write(run.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
+            folder = RunDir(run.run_dir)
+            atomic_write(folder.config, OmegaConf.to_yaml(cfg, resolve=True).encode())
             if overrides is not None:
-                atomic_write(run.run_dir / OVERRIDES_FILE, json.dumps({"overrides": overrides}, indent=2).encode())
+                atomic_write(folder.overrides, json.dumps({"overrides": overrides}, indent=2).encode())
         run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
         try:
             stages = sparsify_stages(run)  # trainer.sparsify: checked before the first step, run after the last

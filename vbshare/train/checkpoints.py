@@ -35,14 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from ..files import atomic_torch_save, atomic_write, read_tensors
 from ..errors import VBShareError
 from ..records import flatten, read_jsonl
+from ..rundir import RunDir
 
 if TYPE_CHECKING:
     from .run import Run
 
 log = logging.getLogger("vbshare.train")
 
-CHECKPOINT = "checkpoint"  # resumable state inside a run directory
-SNAPSHOTS = "snapshots"  # trainer.snapshot_every: <run dir>/snapshots/step_<N>/ (what vbshare.analysis reads)
 TRAINER_STATE = "trainer_state.json"  # step, scores, times, logger id, config, Python / numpy RNG states
 TRAINER_TENSORS = "trainer_tensors.pt"  # optimiser state, torch / CUDA RNG states (weights_only=True)
 PICKLED_STATE = "trainer_state.pt"  # the older, pickled format: refused
@@ -81,14 +80,15 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def find_checkpoint(run_dir: Path) -> Path:
-    for candidate in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):  # .old: a crash mid-swap
+    folder = RunDir(run_dir)
+    for candidate in (folder.checkpoint, folder.checkpoint_old):  # .old: a crash mid-swap
         if (candidate / TRAINER_STATE).is_file():
             return candidate
-    for candidate in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):
+    for candidate in (folder.checkpoint, folder.checkpoint_old):
         if (candidate / PICKLED_STATE).is_file():
             raise VBShareError(f"the checkpoint in {candidate} is in the older pickled format ({PICKLED_STATE}), which "
                                "cannot be read without running whatever it holds; start the run again in a new folder")
-    raise VBShareError(f"no checkpoint in {run_dir}; trainer.resume needs a run directory with a {CHECKPOINT}/ folder")
+    raise VBShareError(f"no checkpoint in {run_dir}; trainer.resume needs a run directory with a {folder.checkpoint.name}/ folder")
 
 
 def read_trainer_state(run_dir: Path) -> dict[str, Any]:
@@ -120,8 +120,8 @@ def check_resumable(resume_dir: Path, cfg: DictConfig) -> None:
 
 def save_checkpoint(run: "Run") -> None:
     """Write <run dir>/checkpoint atomically (rank 0): build it in a temporary folder, swap it in by rename."""
-    final = run.run_dir / CHECKPOINT
-    tmp, old = run.run_dir / f".{CHECKPOINT}.tmp", run.run_dir / f".{CHECKPOINT}.old"
+    folder = RunDir(run.run_dir)
+    final, tmp, old = folder.checkpoint, folder.checkpoint_tmp, folder.checkpoint_old
     shutil.rmtree(tmp, ignore_errors=True)
     run.mode.save_weights(run.model, tmp)
     plain_rng, tensor_rng = rng_states()
@@ -157,28 +157,24 @@ def load_weights(run_dir: Path, mode, model: torch.nn.Module) -> dict[str, Any]:
 
 def restore_trainer_state(run: "Run", state: dict[str, Any]) -> None:
     """Optimiser state (the optimiser was rebuilt over the restored parameters), RNG states, step, best score,
-    training time and logger id; metrics.jsonl is trimmed to the checkpointed step."""
+    training time and logger id; the metrics log is trimmed to the checkpointed step."""
     run.optimizer.load_state_dict(state["tensors"]["optimizer"])
     set_rng_states(state["rng"], state["tensors"]["rng"])
     run.step, run.best = state["step"], state["best"]
     run.train_seconds, run.logger_id = state["train_seconds"], state["logger_id"]
     run.skipped_steps = state["skipped_steps"]
     run.earlier_wall_seconds = state.get("wall_seconds", 0.0)
-    metrics = run.run_dir / "metrics.jsonl"
+    metrics = RunDir(run.run_dir).metrics
     if metrics.is_file() and run.is_main:  # drop what the interrupted run logged after its last checkpoint
         run.history = [r for r in read_jsonl(metrics) if r["step"] <= run.step]
         atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in run.history).encode())
     log.info("continuing at step %d", run.step)
 
 
-def snapshot_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / SNAPSHOTS / f"step_{step:06d}"
-
-
 def save_snapshot(run: "Run") -> None:
     """Copy the trained weights of this step, in training form, to <run dir>/snapshots/step_<N>/ (rank 0;
     built in a temporary folder and renamed into place; a resumed run rewrites a step it redoes)."""
-    final = snapshot_folder(run.run_dir, run.step)
+    final = RunDir(run.run_dir).snapshot(run.step)
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     run.mode.save_snapshot(run.model, tmp)

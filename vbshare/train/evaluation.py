@@ -1,7 +1,7 @@
 """Evaluation of a split, per-example predictions, and the best score so far.
 
 `score_split` (and `evaluate` for a run) scores one split in eval mode, in the run's precision, without touching
-the RNG, and returns one row per example as well (predictions.jsonl). With several processes the examples are dealt out in rounds of `eval_batch_size` per process and the outputs gathered, so
+the RNG, and returns one row per example as well (the run's predictions file). With several processes the examples are dealt out in rounds of `eval_batch_size` per process and the outputs gathered, so
 every process ends with the same scores; every process runs the same number of forward passes (one past the
 end repeats a batch it discards), as a model with sharded weights requires.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.tasks import Encoded, Task
 from ..files import atomic_write
-from . import metrics as M
+from .. import metrics as M
 from .batches import IGNORE_INDEX, collate, forward_loss, lm_targets
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def evaluate_with_predictions(run: "Run", split: str) -> tuple[dict[str, float],
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    """predictions.jsonl: one `prediction_rows` row per line, written atomically."""
+    """A predictions file: one `prediction_rows` row per line, written atomically."""
     atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 

@@ -7,13 +7,12 @@
 
 The folder a run writes is its `trainer.resume` folder, else the given one. Only the first process of a
 data-parallel run holds it (it alone writes). A fresh run (no `trainer.resume`) refuses a folder that already
-holds another run's records (RUN_RECORDS); Hydra's .hydra/ and train.log, a comparison's request.json and the
+holds another run's records (rundir.RUN_RECORDS); Hydra's .hydra/ and train.log, a comparison's request.json and the
 lock's own files do not count.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,11 +22,8 @@ from omegaconf import DictConfig
 
 from .. import locks
 from ..errors import VBShareError
-from .checkpoints import CHECKPOINT
-from .modes import ADAPTER, FULL_MODEL
+from ..rundir import RunDir
 
-# What a run leaves in its folder as soon as it starts, or later: any of them means the folder holds a run.
-RUN_RECORDS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT, f".{CHECKPOINT}.old", ADAPTER, FULL_MODEL)
 BUSY_HINT = "give this run another folder (hydra.run.dir=<folder>)"
 # Hydra flags after which no job runs (help, printed config, shell completion) or the jobs get their own
 # folders (multirun): the command line claims nothing then.
@@ -42,7 +38,7 @@ def run_folder(cfg: DictConfig, run_dir: str | Path) -> Path:
 
 def check_fresh(folder: Path) -> None:
     """A fresh run refuses a folder that holds another run's records."""
-    found = [name for name in RUN_RECORDS if os.path.lexists(folder / name)]
+    found = RunDir(folder).records()
     if found:
         raise VBShareError(f"{folder} already holds a run ({', '.join(found)}); continue it with "
                            f"trainer.resume={folder}, or {BUSY_HINT}")

@@ -1,6 +1,6 @@
 """Experiment trackers behind one tiny interface: `log(metrics, step)`, `finish(summary)`.
 
-metrics.jsonl and summary.json are written by the loop whatever the logger; these only mirror them.
+The metrics log and the summary (vbshare.rundir) are written by the loop whatever the logger; these only mirror them.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ SIGINT / SIGTERM: see interrupt.py), so that `trainer.resume` redoes no step.
 
 A NaN or infinite loss or gradient norm (`take_step`, under `trainer.nonfinite`): `stop` ends the run with one
 error line before anything of that step is written (the last checkpoint stays the last good one); `skip_step`
-drops that step's update, warns and counts it (`run.skipped_steps`, in summary.json).
+drops that step's update, warns and counts it (`run.skipped_steps`, in the summary).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -102,6 +102,25 @@ def take_step(run: "Run") -> StepStats:
     return stats
 
 
+def set_lr(run: "Run", factor: float) -> None:
+    """Every parameter group's lr: its peak (`base_lr`, set once when the optimiser is built: setup.build_optimizer)
+    times `factor` (the schedule's lr_factor in the dense training, trainer.sparsify.lr_factor in the stages)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def step_record(run: "Run", stats: StepStats) -> dict[str, Any]:
+    """The metrics line of the step just taken, as both training phases log it: step, the global batch's mean loss
+    (null when non-finite) and lr. It sums the loss over processes: every process calls it at the same steps."""
+    loss = finite_or_none(run.engine.sum_over_processes(stats.loss).item())
+    return {"step": run.step, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
+def loss_text(loss: float | None) -> str:
+    """The progress bar's loss: 4 decimals, or `skipped` for a step whose update was dropped."""
+    return f"{loss:.4f}" if loss is not None else "skipped"
+
+
 def refuse_nonfinite_state(run: "Run", what: str) -> None:
     """One error line, instead of a checkpoint or snapshot, when a trained tensor or the optimiser's state holds
     NaN or infinity. Every process checks (their values agree), so all of them stop together."""
@@ -111,7 +130,7 @@ def refuse_nonfinite_state(run: "Run", what: str) -> None:
 
 
 def finite_or_none(value: float) -> float | None:
-    """metrics.jsonl holds plain JSON: a NaN or infinite value (a skipped step's loss) is written as null."""
+    """The metrics log holds plain JSON: a NaN or infinite value (a skipped step's loss) is written as null."""
     return value if math.isfinite(value) else None
 
 
@@ -127,9 +146,7 @@ def train(run: "Run") -> bool:
                dynamic_ncols=True, unit="step")
     started, steps_here = time.perf_counter(), 0
     while run.step < t.max_steps:
-        factor = lr_factor(run.step, t.max_steps, run.settings.optim.warmup_ratio)
-        for group in run.optimizer.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        set_lr(run, lr_factor(run.step, t.max_steps, run.settings.optim.warmup_ratio))
         stats = take_step(run)
         steps_here += 1
 
@@ -137,10 +154,7 @@ def train(run: "Run") -> bool:
         bar.update(1)
         last = run.step == t.max_steps
         if run.step % t.log_every == 0 or last:
-            loss = finite_or_none(engine.sum_over_processes(stats.loss).item())  # the global batch's mean loss
-            lr = run.optimizer.param_groups[0]["lr"]
-            record = {"step": run.step, "loss": loss, "lr": lr,
-                      "steps_per_s": steps_here / (time.perf_counter() - started)}
+            record = {**step_record(run, stats), "steps_per_s": steps_here / (time.perf_counter() - started)}
             if stats.extra_loss is not None:
                 record["extra_loss"] = finite_or_none(stats.extra_loss.item())
             if stats.grad_norm is not None:
@@ -148,7 +162,7 @@ def train(run: "Run") -> bool:
             if run.skipped_steps:
                 record["skipped_steps"] = run.skipped_steps
             write_metrics(run, record)
-            bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skipped", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=loss_text(record["loss"]), lr=f"{record['lr']:.2e}")
         if run.step % t.eval_every == 0 or last:
             engine.check_in_sync(run.optimizer, run.step)
             if has_validation:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,29 @@ import vbshare
 from ..files import atomic_torch_save, atomic_write, read_tensors, writing
 from ..errors import VBShareError
 from ..registry import METHODS
+from ..rundir import ADAPTER, FULL_FINETUNE, HEAD_ONLY, RunDir  # ADAPTER: the adapter folder, in a checkpoint too
 
 log = logging.getLogger("vbshare.train")
 
-FULL_FINETUNE = "full_finetune"  # `+adapter=full` (or no adapter): every weight trains
-HEAD_ONLY = "head_only"  # `+adapter=head_only`: only the task head (model.head_modules) trains
 # Keys of an adapter config that are not the method's hyperparameters (the summary's "hyperparameters"
-# lists the others): where it goes, learning rates, and what the comparison app reads (its Optuna search
-# space and the name of the size hyperparameter).
-NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr", "search", "size_key")
-NOT_INJECTED_KEYS = ("method", "lr", "search", "size_key")  # every other key is an argument of vbshare.inject
-ADAPTER = "adapter"  # the adapter folder (vbshare.save_adapter) in a checkpoint and in a finished run
+# lists the others): which method, where it goes, and its learning rates.
+NON_HPARAM_KEYS = ("method", "targets", "exclude", "layers", "lr")
+NOT_INJECTED_KEYS = ("method", "lr")  # every other key is an argument of vbshare.inject
 WEIGHTS = "weights.pt"  # full fine-tuning / head-only checkpoints: the trained weights by name
 HEAD_FILE = "head.safetensors"  # head-only: the trained head of a finished run, in adapter/
-FULL_MODEL = "model"  # full fine-tuning: the fine-tuned model of a finished run (save_pretrained)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a run mode's trained weights amount to: the summary's fields that depend on the mode (in its order)."""
+
+    method: str  # the method the summary reports (an adapter's name, FULL_FINETUNE or HEAD_ONLY)
+    hyperparameters: dict[str, Any]
+    trainable_parameters: int
+    head_parameters: int  # trained outside the adapter (the task head), counted apart from stored parameters
+    stored_parameters: int  # what the method stores (docs/methods.md §4); 0 for head-only
+    sharing: dict[str, Any] | None  # the adapter's sharing_pattern() (None without an adapter)
+    adapter_bytes: int | None  # the saved weights' file size (None for a full fine-tune's model/)
 
 
 def to_python(value: Any) -> Any:
@@ -99,9 +109,8 @@ class RunMode:
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         return {k: v for k, v in model.state_dict().items() if k in trained}
 
-    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        """Write the run's trained weights; returns the summary's fields: method, hyperparameters,
-        trainable_parameters, head_parameters, stored_parameters, adapter_bytes, sharing."""
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> Outputs:
+        """Write the run's trained weights; returns what they amount to (the summary's mode fields)."""
         raise NotImplementedError
 
     def train_heads(self, model: nn.Module) -> None:
@@ -144,28 +153,23 @@ class AdapterMode(RunMode):
 
     def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The run's adapter/ (its stored form, with the head), injected into the fresh base."""
-        return vbshare.load_adapter(model, run_dir / ADAPTER, check_base=check_base)
+        return vbshare.load_adapter(model, RunDir(run_dir).adapter, check_base=check_base)
 
-    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> Outputs:
         counted = vbshare.summary(model)  # stored parameters / bytes in the method's stored form
         state = vbshare.state_of(model)
         for folder, options in state.extra_saves.items():  # e.g. VB-LoRA's top-k form in adapter_topk/
             vbshare.save_adapter(model, run_dir / folder, modules=self.head_modules, **options)
-        for file_name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history.jsonl
-            atomic_write(run_dir / file_name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        for name, rows in state.run_records().items():  # e.g. ASLoRA's merge_history
+            atomic_write(RunDir(run_dir).record(name), "".join(json.dumps(row) + "\n" for row in rows).encode())
         # the method's stored form (`saved_form`: SoRA writes its pruned LoRA)
-        vbshare.save_adapter(model, run_dir / ADAPTER, modules=self.head_modules)
+        vbshare.save_adapter(model, RunDir(run_dir).adapter, modules=self.head_modules)
         adapter = self.cfg.adapter
-        return {
-            "method": self.name,
-            "hyperparameters": {"targets": to_python(adapter.targets), **hyperparameters(adapter),
-                                "lr": to_python(adapter.lr)},
-            "trainable_parameters": counted.trainable,
-            "head_parameters": counted.other_trainable,
-            "stored_parameters": counted.stored,
-            "adapter_bytes": counted.adapter_bytes,
-            "sharing": state.sharing_pattern(),
-        }
+        return Outputs(self.name, {"targets": to_python(adapter.targets), **hyperparameters(adapter),
+                                   "lr": to_python(adapter.lr)},
+                       trainable_parameters=counted.trainable, head_parameters=counted.other_trainable,
+                       stored_parameters=counted.stored, sharing=state.sharing_pattern(),
+                       adapter_bytes=counted.adapter_bytes)
 
 
 class FullFinetune(RunMode):
@@ -188,7 +192,7 @@ class FullFinetune(RunMode):
         """The fine-tuned model/ folder (save_pretrained: model.safetensors), in the base's dtype. Only the
         safetensors weights are read: a pickled pytorch_model.bin in the folder is never loaded (and the
         base's own class loads it, so no code the folder's config.json names runs)."""
-        folder = run_dir / FULL_MODEL
+        folder = RunDir(run_dir).full_model
         if not (folder / "config.json").is_file():
             raise VBShareError(f"{folder} holds no fine-tuned model (config.json); is {run_dir} a finished run?")
         if not any(folder.glob("model*.safetensors")):
@@ -196,13 +200,13 @@ class FullFinetune(RunMode):
                                f"pickled .bin); is {run_dir} a finished run?")
         return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype, use_safetensors=True)
 
-    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        with writing(run_dir / FULL_MODEL):  # a full disk: one line naming the file
-            model.save_pretrained(str(run_dir / FULL_MODEL))
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> Outputs:
+        folder = RunDir(run_dir).full_model
+        with writing(folder):  # a full disk: one line naming the file
+            model.save_pretrained(str(folder))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"method": self.name, "hyperparameters": {"lr": self.cfg.optim.full_finetune_lr},
-                "trainable_parameters": trainable, "head_parameters": 0, "stored_parameters": trainable,
-                "adapter_bytes": None, "sharing": None}
+        return Outputs(self.name, {"lr": self.cfg.optim.full_finetune_lr}, trainable_parameters=trainable,
+                       head_parameters=0, stored_parameters=trainable, sharing=None, adapter_bytes=None)
 
 
 class HeadOnly(RunMode):
@@ -224,7 +228,7 @@ class HeadOnly(RunMode):
 
     def load_outputs(self, model: nn.Module, run_dir: Path, check_base: bool = True) -> nn.Module:
         """The trained head (adapter/head.safetensors) into the fresh base."""
-        path = run_dir / ADAPTER / HEAD_FILE
+        path = RunDir(run_dir).adapter / HEAD_FILE
         if not path.is_file():
             raise VBShareError(f"{path} is missing; is {run_dir} a finished head-only run?")
         head = safetensors.torch.load_file(str(path))
@@ -233,14 +237,15 @@ class HeadOnly(RunMode):
             raise VBShareError(f"{path} holds weights the model lacks ({unexpected[0]}, ...); evaluate with the run's model")
         return model
 
-    def save_outputs(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+    def save_outputs(self, model: nn.Module, run_dir: Path) -> Outputs:
         head = {k: v.detach().cpu().contiguous() for k, v in self.trained_state(model).items()}
-        atomic_write(run_dir / ADAPTER / HEAD_FILE, safetensors.torch.save(head))
+        path = RunDir(run_dir).adapter / HEAD_FILE
+        atomic_write(path, safetensors.torch.save(head))
         count = sum(v.numel() for v in head.values())
-        return {"method": self.name, "hyperparameters": {"lr": to_python(self.cfg.adapter.lr)},
-                "trainable_parameters": count, "head_parameters": count,
-                "stored_parameters": 0,  # no adapter: the head is reported separately (docs/methods.md §4)
-                "adapter_bytes": (run_dir / ADAPTER / HEAD_FILE).stat().st_size, "sharing": None}
+        return Outputs(self.name, {"lr": to_python(self.cfg.adapter.lr)}, trainable_parameters=count,
+                       head_parameters=count,
+                       stored_parameters=0,  # no adapter: the head is reported separately (docs/methods.md §4)
+                       sharing=None, adapter_bytes=path.stat().st_size)
 
 
 def run_mode(cfg: DictConfig, task_kind: str) -> RunMode:

@@ -1,8 +1,9 @@
-"""What a run writes into its directory besides checkpoints: metrics.jsonl (appended as training goes),
-the final evaluation, the test split's predictions.jsonl, the run mode's trained weights and summary.json.
-Rank 0 alone writes."""
+"""What a run writes into its folder besides checkpoints (vbshare.rundir names the files): the metrics log
+(appended as training goes), the final evaluation, the test split's predictions, the run mode's trained weights
+and the summary. Rank 0 alone writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -12,6 +13,7 @@ import torch
 
 from ..checks import refuse_nonfinite
 from ..files import append_text, atomic_write
+from ..rundir import RunDir
 from .evaluation import evaluate, evaluate_with_predictions, format_scores, write_predictions
 
 if TYPE_CHECKING:
@@ -19,17 +21,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vbshare.train")
 
-PREDICTIONS = "predictions.jsonl"  # the test split's per-example rows (evaluation.prediction_rows)
 BYTES_PER_MIB = 2**20
 KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 
 
 def write_metrics(run: "Run", record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl and mirror it to the logger (rank 0 only)."""
+    """Append one JSON line to the metrics log and mirror it to the logger (rank 0 only)."""
     if not run.is_main:
         return
     run.history.append(record)
-    append_text(run.run_dir / "metrics.jsonl", json.dumps(record) + "\n")
+    append_text(RunDir(run.run_dir).metrics, json.dumps(record) + "\n")
     prefix = record.get("split", "train")
     run.logger.log({f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
 
@@ -55,8 +56,8 @@ def final_scores(run: "Run") -> tuple[dict[str, dict[str, float]], list[dict[str
 
 
 def save_outputs(run: "Run") -> dict[str, Any] | None:
-    """Final evaluation (every process takes part), then on rank 0 the trained weights, predictions.jsonl
-    (the test split's, when scored) and summary.json; returns the summary (None on the other processes).
+    """Final evaluation (every process takes part), then on rank 0 the trained weights, the test split's
+    predictions (when scored) and the summary; returns the summary (None on the other processes).
     Trained tensors holding NaN or infinity are refused before anything is evaluated or written."""
     trained = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
     refuse_nonfinite(trained, f"the results of {run.run_dir}")  # every process: their tensors are identical
@@ -64,29 +65,25 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
     if not run.is_main:
         return None
     if predictions is not None:
-        write_predictions(run.run_dir / PREDICTIONS, predictions)
+        write_predictions(RunDir(run.run_dir).predictions, predictions)
     for split, scores in final.items():
         write_metrics(run, {"step": run.step, "split": f"final_{split}", **scores})
         log.info("final %s %s", split, format_scores(scores))
     cfg, engine = run.cfg, run.engine
-    written = run.mode.save_outputs(run.model, run.run_dir)
+    written = dataclasses.asdict(run.mode.save_outputs(run.model, run.run_dir))  # the mode's fields, in order
     wall_seconds = run.wall_seconds()
     summary = {
-        "method": written["method"],
+        "method": written.pop("method"),
         "task": run.task.name,
         "model": cfg.model.loader._target_.rsplit(".", 1)[-1],
         "base_quantization": cfg.model.get("quantization"),  # null, or the frozen base's nf4 | fp4 | int8
-        "hyperparameters": written["hyperparameters"],
+        "hyperparameters": written.pop("hyperparameters"),
         "metric": run.task.metric,
         "label_names": list(run.task.label_names),  # class id -> name as trained (evaluate checks new data against it)
         "final": final,
         "best": run.best,
         "steps": run.step,
-        "trainable_parameters": written["trainable_parameters"],
-        "head_parameters": written["head_parameters"],
-        "stored_parameters": written["stored_parameters"],
-        "sharing": written["sharing"],
-        "adapter_bytes": written["adapter_bytes"],
+        **written,  # trainable / head / stored parameters, sharing, adapter_bytes (modes.Outputs)
         "wall_time_s": round(wall_seconds, 3),  # summed over resumed segments
         "train_time_s": round(run.train_seconds, 3),
         "steps_per_s": round(run.step / max(run.train_seconds, 1e-9), 4),  # over every resumption's time
@@ -102,7 +99,7 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
     if engine.distributed:
         summary["distributed"] = {"world_size": engine.num_processes, "backend": engine.backend,
                                   "strategy": engine.strategy, "max_param_diff_across_ranks": run.rank_diff}
-    atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write(RunDir(run.run_dir).summary, json.dumps(summary, indent=2).encode())
     headline = final.get("test", final.get("validation", {})).get(run.task.metric)
     log.info("done in %.1fs: %s %s=%s; files in %s", wall_seconds, summary["method"], run.task.metric,
              None if headline is None else round(headline, 4), run.run_dir)

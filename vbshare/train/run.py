@@ -41,7 +41,7 @@ class Run:
     logger_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_diff: float | None = None  # data parallel: largest trained-value difference between processes at the end
-    sparsify: dict[str, Any] | None = None  # trainer.sparsify: the stage records' numbers, for summary.json
+    sparsify: dict[str, Any] | None = None  # trainer.sparsify: the stage records' numbers, for the summary
 
     def wall_seconds(self) -> float:
         """Wall time of the whole run so far: earlier segments plus this one."""

@@ -1,4 +1,5 @@
-"""Evaluation metrics computed from plain lists (no `evaluate` package needed)."""
+"""Evaluation metrics computed from plain lists (no `evaluate` package needed), and which way each is better.
+Numpy only: the training app scores with it, vbshare.report and vbshare.compare rank with it."""
 from __future__ import annotations
 
 import math
