@@ -168,11 +168,13 @@ def import_each_alone(names: list[str]) -> subprocess.CompletedProcess:
                           cwd=PACKAGE_DIR.parent)
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_process():
     done = import_each_alone(list(MODULES))
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_a_module_that_needs_an_earlier_import_fails_alone(tmp_path):
     """The check above can fail: a module using a sibling it never imported works only after that sibling."""
     package = tmp_path / "vbshare_probe"

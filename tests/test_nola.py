@@ -86,6 +86,7 @@ def test_bases_after_device_move(cache):
         assert value.is_cuda and torch.equal(value.cpu(), reference[key]), key
 
 
+@pytest.mark.slow
 def test_bases_are_the_same_in_another_process():
     """The per-module seed comes from SHA-256, not Python's salted hash(): a process with another hash seed draws
     the same bits."""

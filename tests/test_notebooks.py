@@ -79,6 +79,7 @@ def test_docs_table_names_each_notebooks_parameters():
         assert sorted(listed) == sorted(defined), f"docs/notebooks.md lists {listed} for {name}; its parameter cell has {defined}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 def test_notebook_runs_on_its_own_small_run(name, tmp_path):
     nb, seconds = execute(NOTEBOOKS / name, tmp_path)
@@ -86,6 +87,7 @@ def test_notebook_runs_on_its_own_small_run(name, tmp_path):
     print(f"{name}: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_vblora_notebook_on_a_given_run_directory(tmp_path):
     from vbshare.analysis import demo
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from safetensors.torch import load_file
 
@@ -26,7 +25,6 @@ from vbshare.analysis.common import list_snapshots
 from vbshare.analysis.vblora import selection_drift
 from vbshare.errors import VBShareError
 from vbshare.registry import METHODS
-from vbshare.train import CONFIG_DIR, run_training
 from vbshare.train import evaluation
 from vbshare.train import loop as train_loop
 from vbshare.train import outputs as train_outputs
@@ -36,24 +34,12 @@ from vbshare.train.checkpoints import read_trainer_state
 from vbshare.train.loop import lr_factor
 from vbshare.train.settings import read_settings
 from vbshare.train.setup import set_threads
+from helpers import compose_config, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer=debug", "data.max_length=32"]
 # Per-method overrides that make the method's after-step machinery act within a debug run.
 ACTIVE = {"aslora": ["adapter.merge_start=1", "adapter.merge_every=2"]}
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def train(overrides: list[str], run_dir: Path):
-    return run_training(compose_config(overrides), run_dir, overrides)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_run_dir(run_dir: Path, method: str) -> dict:
@@ -166,6 +152,7 @@ def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_module_entry(tmp_path):
     done = cli(["+adapter=lora", "model=tiny_bert", *FAST], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -184,6 +171,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_cli_bad_input_one_line_error(case, tmp_path):
     args, needle = BAD_INPUT[case]
@@ -295,12 +283,14 @@ def test_model_loading_shows_no_progress_bars(capfd):
     assert "Loading weights" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_failed_resume_leaves_no_folder(tmp_path):
     done = cli(["+adapter=lora", "model=tiny_bert", *FAST, f"trainer.resume={tmp_path / 'nothing'}"], tmp_path)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: no checkpoint"), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no run folder, no resume folder
 
 
+@pytest.mark.slow
 def test_cli_help_names_groups_and_output(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vbshare.train", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
