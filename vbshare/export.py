@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
 from .adapters.base import adapters
 from .errors import VBShareError
 from .evaluate import check_outside, parse_overrides, rebuild_trained, run_config
@@ -50,8 +52,9 @@ def export_run(run_dir: str | Path, out: str | Path, as_lora: bool = False, topk
     finally:
         engine.end()
     if not adapters(model):
-        raise VBShareError(f"the run in {run_dir} trained no adapter (method {cfg.get('adapter', {}).get('method', 'full')}); "
-                           "only adapter runs export to PEFT")
+        kind = OmegaConf.select(cfg, "adapter.method", default=None) or "no adapter: full fine-tuning"
+        raise VBShareError(f"the run in {run_dir} trained no adapter (method {kind}); only a run with an adapter "
+                           "exports to PEFT")
     return export_peft(model.cpu(), out, topk_only=topk_only, as_lora=as_lora)
 
 
