@@ -37,6 +37,8 @@ class Case:
     hyperparameters: dict = field(default_factory=dict)
     reference_delta: Callable[[torch.nn.Module], torch.Tensor] | None = None  # adapter -> ΔW (out, in), float64
     stored_reference: Callable[[torch.nn.Module], float] | None = None  # adapted model -> stored parameters
+    # (hyperparameters put over the case's, a regex of the one-line VBShareError they must raise); test_matrix runs each
+    bad_configs: list[tuple[dict, str]] = field(default_factory=list)
 
 
 def lora_reference(adapter) -> torch.Tensor:
@@ -337,3 +339,38 @@ CASES: dict[str, Case] = {
     "mos": Case("mos", {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2, "seed": 3},
                 mos_reference, mos_stored),
 }
+
+
+# -- bad configurations of the cases above (a new Case may pass bad_configs= directly) -------------------------------
+BAD_CONFIGS: dict[str, list[tuple[dict, str]]] = {
+    "lora": [({"r": 0}, r"r must be a positive integer, got 0"),
+             ({"alpha": -1.0}, r"alpha must be positive \(a finite number > 0\) or None, got -1.0")],
+    "vblora": [({"topk": 0}, r"topk must be a positive integer, got 0"),
+               ({"num_vectors": 1}, r"topk=2 exceeds num_vectors=1; choose topk <= num_vectors"),
+               ({"vector_length": 5}, r"vector_length=5 does not divide module .*e\.g\. vector_length=4")],
+    "aslora": [({"pairs": "nearest"}, r"pairs must be one of adjacent, all, got 'nearest'"),
+               ({"share_ratio": 2.0}, r"share_ratio must be in \[0, 1\] or None, got 2.0")],
+    "sora": [({"lam": -1.0}, r"lam must be a finite number >= 0, got -1.0"),
+             ({"r": 0}, r"r must be a positive integer")],
+    "tied_lora": [({"train": []}, "at least one"), ({"train": ["A", "C"]}, "train must name"),
+                  ({"train": ["u", "u"]}, "at most once"), ({"train": "uv"}, "must be a list"),
+                  ({"alpha": 0}, "alpha must be positive"), ({"r": 0}, "r must be a positive integer")],
+    "nola": [({"num_basis_a": 0}, "num_basis_a must be a positive integer"),
+             ({"num_basis_b": 2.5}, "num_basis_b must be a positive integer"),
+             ({"cache_bases": "yes"}, "cache_bases must be true or false"), ({"alpha": -1.0}, "alpha must be positive"),
+             ({"seed": "x"}, "seed must be an integer"), ({"bases": 4}, "unknown nola hyperparameter")],
+    "vera": [({"d_initial": "big"}, "d_initial must be a finite number"),
+             ({"projection_seed": -1}, "projection_seed must be a non-negative integer"),
+             ({"save_projection": "yes"}, "save_projection must be true or false"),
+             ({"r": 0}, "r must be a positive integer")],
+    "unilora": [({"theta_d_length": 0}, "theta_d_length must be a positive integer"),
+                ({"init_theta_d_bound": 0.0}, "init_theta_d_bound must be a positive number"),
+                ({"proj_seed": -3}, "proj_seed must be a non-negative integer"),
+                ({"save_indices": 1}, "save_indices must be true or false")],
+    "loraxs": [({"r": 40}, r"loraxs r=40 exceeds min\(in, out\) = 32 of module .*choose r <= 32"),
+               ({"alpha": 0}, r"alpha must be a positive number, got 0")],
+    "mos": [({"equivalent_rank": 0}, r"equivalent_rank must be a positive integer, got 0"),
+            ({"shards_per_vector": 3}, r"shards_per_vector=3 does not divide module .*e\.g\. shards_per_vector=2")],
+}
+for _name, _bad in BAD_CONFIGS.items():
+    CASES[_name].bad_configs = [*CASES[_name].bad_configs, *_bad]

@@ -294,19 +294,35 @@ def test_sora_ranks_from_gates_and_from_the_pruned_form(tmp_path):
 
 
 # -- figures ----------------------------------------------------------------------------------------------------
-def test_every_figure_draws(tmp_path):
+def test_figures_show_their_data():
+    """The figures draw the numbers they are given: the hand-built counts (docstring of hand_built_vblora), a cosine
+    similarity computed here, the records' ranks; the rest must at least draw something."""
     sel = VB.selections_from_tensors(hand_built_vblora(), topk=2)
     usage = VB.usage_matrix(sel, H)
-    figures = [
-        VB.plot_usage_heatmap(usage), VB.plot_usage_counts(VB.usage_counts(sel, H)),
-        VB.plot_similarity(VB.similarity(usage)),
+
+    heatmap = VB.plot_usage_heatmap(usage).axes[0].images[0].get_array()
+    assert np.allclose(np.sort(heatmap.sum(axis=0))[::-1], np.sort(usage.to_numpy().sum(axis=0))[::-1])
+    assert np.allclose(heatmap.sum(axis=1), usage.to_numpy().sum(axis=1))  # columns sorted, rows kept
+
+    counts = VB.plot_usage_counts(VB.usage_counts(sel, H))
+    assert [bar.get_height() for bar in counts.axes[0].patches] == [5, 4, 2, 1, 0, 0]
+    assert counts.axes[0].get_title() == "2 of 6 vectors never chosen"
+
+    values = usage.to_numpy(dtype=float)
+    unit = values / np.linalg.norm(values, axis=1, keepdims=True)
+    drawn = VB.plot_similarity(VB.similarity(usage)).axes[0].images[0].get_array()
+    assert np.allclose(drawn, unit @ unit.T)
+
+    ranks = SO.plot_rank_heatmap(SO.rank_table(RECORDS), r_max=4).axes[0].images[0].get_array()
+    assert ranks.tolist() == [[4, 3, 1], [4, 4, 2], [4, 1, 0]]  # module x stage, as RECORDS give them
+
+    others = [
         VB.plot_drift(VB.selection_drift([(1, sel), (2, sel)])),
         AS.plot_merge_trees(HISTORY, {"g": [0, 1, 2, 3, 4], "h": [0, 1]}),
         AS.plot_merge_trees(HISTORY, {"g": [0, 1, 2, 3, 4]}, height="distance"),
         AS.plot_distance_matrix(AS.distance_matrix({0: torch.zeros(2, 1), 1: torch.ones(2, 1)})),
-        SO.plot_rank_heatmap(SO.rank_table(RECORDS), r_max=4), SO.plot_tradeoff(SO.stage_table(RECORDS)),
+        SO.plot_tradeoff(SO.stage_table(RECORDS)),
     ]
-    for i, fig in enumerate(figures):
-        assert isinstance(fig, Figure) and fig.axes
-        fig.savefig(tmp_path / f"{i}.png")
-        assert (tmp_path / f"{i}.png").stat().st_size > 1000
+    for fig in others:
+        assert isinstance(fig, Figure) and any(ax.lines or ax.images or ax.collections or ax.patches
+                                               for ax in fig.axes)

@@ -297,11 +297,6 @@ def test_history_file_and_write_merge_history(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == lines
 
 
-def test_bad_option_is_a_clear_error():
-    with pytest.raises(vbshare.VBShareError, match="pairs must be one of"):
-        build(pairs="nearest")
-
-
 # -- save, load, continue ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pairing,merge_into", [("similarity", "upper"), ("random", "average")])
 def test_resume_gives_same_ties_and_next_merge(tmp_path, pairing, merge_into):

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from vbshare.compare import Point, Runner, check_request, in_workers, tune
 from vbshare.errors import VBShareError
 from vbshare.train.settings import CompareSettings
+from helpers import FAST
 
-FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 METHODS, TRIALS = ["lora", "vblora"], 2
 
 
@@ -48,6 +48,7 @@ def contains_test(value) -> bool:
     return isinstance(value, str) and "test" in value
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_continue_and_rerun(tmp_path):
     out = tmp_path / "cmp"
     assert trained(compare(out, "compare.seeds=[0,1]", "compare.isolate=false")) == len(METHODS) * (TRIALS + 2)
@@ -155,6 +156,7 @@ def test_workers_tune_points_side_by_side_with_the_same_trials(tmp_path):
     assert serial.most_in_flight == 1 and parallel.most_in_flight == 3
 
 
+@pytest.mark.slow
 def test_workers_need_separate_processes_and_a_whole_number(tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()

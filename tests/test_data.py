@@ -258,6 +258,7 @@ def test_batches_one_pass_and_training_steps():
         next(batches(task, tokenizer, split="test"))
 
 
+@pytest.mark.slow
 def test_readme_library_snippet_runs_as_written(tmp_path):
     """The README's first python block, executed unchanged in an empty folder (one thread: a shared CPU)."""
     block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
@@ -268,6 +269,9 @@ def test_readme_library_snippet_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=README_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
+    adapted = re.findall(r"^\S*encoder\.layer\.\d+\.\S+", done.stdout, re.M)  # summary(model)'s module rows
+    assert len(adapted) == 6 * 4  # MiniLM's 6 layers × query, value and the feed-forward pair, as the snippet says
+    assert sum(name.endswith(".attention.output.dense") for name in adapted) == 0
     accuracy = float(re.search(r"validation accuracy ([0-9.]+)", done.stdout).group(1))
     assert accuracy > 2 * CHANCE_ACCURACY
     for folder in ("adapter", "adapter-topk", "peft"):

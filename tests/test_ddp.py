@@ -51,6 +51,7 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, launcher", [("aslora", "accelerate"), ("sora", "torchrun")])
 def test_two_processes_train_what_one_does(method, launcher, tmp_path):
     """Also: a 2-process run stopped at step 3 and resumed (ASLoRA: ties before and after the stop) ends
@@ -79,6 +80,7 @@ def test_two_processes_train_what_one_does(method, launcher, tmp_path):
     assert [s for s, _ in losses(tmp_path / "ddp")] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_fsdp_with_accumulation_trains_what_one_process_does(tmp_path):
     """FSDP shards the frozen weights; VB-LoRA's bank (shared by every layer) and the logits stay whole. Two
     processes × two micro-batches train the adapter of one process with the whole batch."""
@@ -90,6 +92,7 @@ def test_fsdp_with_accumulation_trains_what_one_process_does(tmp_path):
     assert_same_adapter(tmp_path / "fsdp", tmp_path / "single", TOLERANCE)
 
 
+@pytest.mark.slow
 def test_batch_must_split_evenly(tmp_path):
     done = launch("torchrun", ["+adapter=lora", *FAST, "trainer.batch_size=3"], tmp_path / "r", check=False)
     assert done.returncode != 0

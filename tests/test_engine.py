@@ -13,14 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 import vbshare
 from vbshare.registry import METHODS
 from vbshare.errors import VBShareError
 from vbshare.models import tiny_bert
-from vbshare.train import CONFIG_DIR, run_training, train_step
+from vbshare.train import train_step
 from vbshare.data.batching import collate
 from vbshare.data.tasks import IGNORE_INDEX
 from vbshare.train.batches import count_targets, forward_loss
@@ -28,6 +27,7 @@ from vbshare.train.engine import frozen_subtrees, transformer_blocks
 from vbshare.train.setup import enable_activation_checkpointing
 
 from run_checks import assert_same_adapter, losses, saved_tensors
+from helpers import train
 
 BASE = ["model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropout=0", "trainer.eval_every=4",
         "trainer.checkpoint_every=null"]
@@ -37,15 +37,6 @@ BASE = ["model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropo
 ACTIVE = {"aslora": ["adapter.merge_start=1", "adapter.merge_every=1"], "sora": ["adapter.lam=100", "adapter.l1=0.5"]}
 ACCUMULATION_TOLERANCE = 1e-5  # float rounding of differently sized matrix products
 CHECKPOINTING_TOLERANCE = 1e-6  # the recomputation repeats the same operations
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def train(overrides: list[str], run_dir: Path) -> dict | None:
-    return run_training(compose_config(overrides), run_dir, overrides)
 
 
 @pytest.fixture(scope="module")

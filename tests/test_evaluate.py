@@ -11,22 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from vbshare.errors import VBShareError
 from vbshare.evaluate import evaluate_run, main
-from vbshare.train import CONFIG_DIR, run_training
+from helpers import FAST, read_jsonl, train
 
-FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 # (adapter override, model): every run mode on tiny BERT; VB-LoRA also on MiniLM (its stored top-k form)
 CASES = [("+adapter=lora", "tiny_bert"), ("+adapter=vblora", "tiny_bert"), ("+adapter=sora", "tiny_bert"),
          ("+adapter=head_only", "tiny_bert"), (None, "tiny_bert"), ("+adapter=vblora", "minilm")]
-
-
-def train_run(run_dir: Path, overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return run_training(cfg, run_dir, overrides)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -34,14 +26,10 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.parametrize("adapter, model", CASES, ids=[f"{a or 'full'}-{m}" for a, m in CASES])
 def test_evaluate_reproduces_summary_and_leaves_run_untouched(adapter, model, tmp_path):
     run_dir = tmp_path / "run"
-    summary = train_run(run_dir, [*([adapter] if adapter else []), *FAST, f"model={model}"])
+    summary = train([*([adapter] if adapter else []), *FAST, f"model={model}"], run_dir)
     before = file_hashes(run_dir)
 
     result = evaluate_run(run_dir, split="test", predictions_path=tmp_path / "eval" / "predictions.jsonl")
@@ -58,7 +46,7 @@ def test_evaluate_reproduces_summary_and_leaves_run_untouched(adapter, model, tm
 def test_training_predictions_match_the_summary(tmp_path):
     """<run>/predictions.jsonl: one row per test example, in order, whose hand-counted accuracy is the
     summary's, with the prediction the arg-max of the class probabilities."""
-    summary = train_run(tmp_path, ["+adapter=lora", *FAST])
+    summary = train(["+adapter=lora", *FAST], tmp_path)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     assert [r["index"] for r in rows] == list(range(len(rows))) and len(rows) == 16  # trainer=debug caps at 16
     for row in rows:
@@ -70,7 +58,7 @@ def test_training_predictions_match_the_summary(tmp_path):
 
 def test_overrides_and_cli_outputs(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train_run(run_dir, ["+adapter=lora", *FAST])
+    train(["+adapter=lora", *FAST], run_dir)
     before = file_hashes(run_dir)
     capped = evaluate_run(run_dir, split="validation", overrides=["data=bbc_news", "trainer.max_examples=8"])
     assert capped["examples"] == 8 and capped["split"] == "validation" and capped["predictions"] is None
@@ -84,7 +72,7 @@ def test_overrides_and_cli_outputs(tmp_path, capsys):
 
 def test_bad_input_refused(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train_run(run_dir, ["+adapter=lora", *FAST])
+    train(["+adapter=lora", *FAST], run_dir)
     with pytest.raises(VBShareError, match="inside the run directory"):
         evaluate_run(run_dir, predictions_path=run_dir / "mine.jsonl")
     with pytest.raises(VBShareError, match="trainer.max_exampels"):
@@ -110,7 +98,7 @@ def test_data_with_other_labels_is_refused(tmp_path):
     other = write(tmp_path / "good_meh.csv", ("good", "meh"))
     run_dir = tmp_path / "run"
     data = ["data=files", "data.text_column=review", "data.label_column=stars"]
-    summary = train_run(run_dir, ["+adapter=lora", *FAST, *data, f"data.path={trained_on}"])
+    summary = train(["+adapter=lora", *FAST, *data, f"data.path={trained_on}"], run_dir)
     assert summary["label_names"] == ["bad", "good"]
     same = evaluate_run(run_dir, split="test")
     assert same["scores"]["accuracy"] == summary["final"]["test"]["accuracy"]

@@ -19,26 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hydra import compose, initialize_config_dir
 
-from vbshare.train import CONFIG_DIR, run_training
+from vbshare.train import run_training
 from vbshare.train import loop as train_loop
 from vbshare.train.checkpoints import read_trainer_state
 from vbshare.train.interrupt import TrainingInterrupted
+from helpers import compose_config, read_metrics
 
 COMMON = ["+adapter=lora", "model=tiny_bert", "trainer=debug", "data.max_length=32", "trainer.dropout=0",
           "trainer.checkpoint_every=null", "trainer.eval_every=1000"]
 SPAWN_TIMEOUT_S = 120
 DATA_PARALLEL_TOLERANCE = 1e-4  # 2 processes vs 1 over 200 steps (tests/test_ddp.py: 1e-5 over 6 steps)
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -98,6 +89,7 @@ def wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen) -> None
     raise AssertionError(f"no progress in {metrics}: {process.communicate()}")
 
 
+@pytest.mark.slow
 def test_sigterm_subprocess_resumes_into_one_record(tmp_path):
     """SIGTERM to `python -m vbshare.train` once metrics.jsonl shows progress: exit 143, no traceback, one line
     with the command that continues; running that command finishes the run in the same folder, with one
@@ -153,6 +145,7 @@ def worker_with_rank(parent: int, rank: int) -> int:
     raise AssertionError("no torchrun worker found")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
     """Data parallel (2 CPU processes): SIGTERM to rank 1 alone; both stop at the same step (rank 0 writes the

@@ -232,3 +232,22 @@ def test_exports_as_a_plain_lora_that_peft_loads(trained, tmp_path):
         expected = run(model, x)
         assert (expected - run(build_base(kind), x)).abs().max() > 1e-4  # the adapter changes the outputs
         torch.testing.assert_close(run(theirs, x), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- bad configurations: every method's own, one line each ------------------------------------------------------------
+BAD = [(method, bad, message) for method, case in sorted(CASES.items()) for bad, message in case.bad_configs]
+
+
+def test_every_case_has_bad_configs():
+    assert [m for m, case in sorted(CASES.items()) if not case.bad_configs] == []
+
+
+@pytest.mark.parametrize("method, bad, message", BAD, ids=[f"{m}-{','.join(b)}" for m, b, _ in BAD])
+def test_bad_config_is_one_line(method, bad, message):
+    with pytest.raises(vbshare.VBShareError, match=message) as caught:
+        build_adapted_with(method, "bert", **bad)
+    assert "\n" not in str(caught.value)
+
+
+def build_adapted_with(method: str, kind: str, **override) -> torch.nn.Module:
+    return vbshare.inject(build_base(kind), method, targets=BASES[kind][1], **{**CASES[method].hyperparameters, **override})

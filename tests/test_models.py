@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from huggingface_hub import HfApi
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
@@ -26,17 +25,13 @@ from vbshare import VBShareError
 from vbshare.assets import minilm_dir
 from vbshare.models import DTYPES, hf, minilm, tiny_bert
 from vbshare.train import CONFIG_DIR, run_training
+from helpers import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_HUB_NAME = "vbshare-tests/no-such-model"
 FAIL_FAST_S = 5.0  # an uncached hub name must fail well within this (the retrying default took 50 s)
 CLI_FAIL_S = 30.0  # the same through the CLI, interpreter and imports included
 SENTENCE = "the cat sat on the mat"
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,7 @@ def test_uncached_hub_name_fails_fast_in_one_line(offline, monkeypatch):
         assert requests == [MISSING_HUB_NAME]  # exactly one request, no retries
 
 
+@pytest.mark.slow
 def test_uncached_hub_name_cli_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -143,6 +139,7 @@ def test_uncached_hub_name_cli_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and MISSING_HUB_NAME in lines[0], done.stderr
 
 
+@pytest.mark.slow
 def test_cached_hub_name_loads_without_network(gpt2_folder, tmp_path):
     """A hub name found in the Hugging Face cache (a cache laid out by hand here) loads with no request: in this
     sandbox any request would fail or retry, so a fast, exact load shows none was made."""

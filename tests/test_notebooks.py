@@ -14,7 +14,7 @@ import nbclient
 import nbformat
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-README = NOTEBOOKS.parent / "README.md"
+NOTEBOOK_DOC = NOTEBOOKS.parent / "docs" / "notebooks.md"
 CELL_TIMEOUT_S = 300
 
 
@@ -44,9 +44,8 @@ def parameter_names(path: Path) -> list[str]:
 
 
 def readme_notebook_table() -> dict[str, list[str]]:
-    """README's "## Notebooks" table: notebook file -> the names in backticks of its `parameters` column."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Notebooks\n", 1)[1].split("\n## ", 1)[0]
+    """docs/notebooks.md's table: notebook file -> the names in backticks of its `parameters` column."""
+    section = NOTEBOOK_DOC.read_text(encoding="utf-8")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in section.splitlines() if line.startswith("|")]
     header, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
@@ -69,17 +68,18 @@ def test_every_notebook_has_a_parameter_cell_and_no_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name}: strip outputs"
 
 
-def test_readme_table_names_each_notebooks_parameters():
-    """README's notebook table lists every notebook once, with exactly the names its `parameters` cell assigns,
-    so a parameter renamed, added or dropped in a notebook fails here until the README follows."""
+def test_docs_table_names_each_notebooks_parameters():
+    """docs/notebooks.md's table lists every notebook once, with exactly the names its `parameters` cell assigns,
+    so a parameter renamed, added or dropped in a notebook fails here until the page follows."""
     table = readme_notebook_table()
     assert sorted(table) == sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     for name, listed in table.items():
         defined = parameter_names(NOTEBOOKS / name)
         assert defined, f"{name}: its parameters cell assigns nothing"
-        assert sorted(listed) == sorted(defined), f"README lists {listed} for {name}; its parameter cell has {defined}"
+        assert sorted(listed) == sorted(defined), f"docs/notebooks.md lists {listed} for {name}; its parameter cell has {defined}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 def test_notebook_runs_on_its_own_small_run(name, tmp_path):
     nb, seconds = execute(NOTEBOOKS / name, tmp_path)
@@ -87,6 +87,7 @@ def test_notebook_runs_on_its_own_small_run(name, tmp_path):
     print(f"{name}: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_vblora_notebook_on_a_given_run_directory(tmp_path):
     from vbshare.analysis import demo
 

@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from hydra import compose, initialize_config_dir
 
 from vbshare.analysis import sora as S
 from vbshare.errors import VBShareError
-from vbshare.train import CONFIG_DIR, run_training
+from helpers import FAST, read_jsonl, train
 
-FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 STAGES = ["+trainer/sparsify=default", "trainer.sparsify.stage_steps=3", "trainer.sparsify.num_stages=4"]
-
-
-def train(overrides: list[str], run_dir: Path) -> dict | None:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return run_training(cfg, run_dir, overrides)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def gates_of(folder: Path) -> dict[str, np.ndarray]:

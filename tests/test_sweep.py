@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from vbshare import report
 from vbshare.train import CONFIG_DIR
+from helpers import FAST
 
-FAST = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 
 
 def multirun(args: list[str], sweep_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -29,6 +29,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_readme_sweep_command_flat_hyperparameters_2x2_joblib_and_report(tmp_path):
     """The issue's sweep syntax (hyperparameters directly under adapter), 2x2, two runs at a time via joblib;
     the report over the sweep folder has one row per configuration."""
@@ -52,6 +53,7 @@ def test_readme_sweep_command_flat_hyperparameters_2x2_joblib_and_report(tmp_pat
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs(experiment, tmp_path):
     """Every experiment file: its sweep composes and every configuration runs (seed 0 only, debug size)."""
@@ -98,12 +100,14 @@ def test_sweep_preset_composes(preset):
         compose("train", overrides=[*base, *firsts])
 
 
+@pytest.mark.slow
 def test_optuna_lr_two_trials(tmp_path):
     done = multirun(["+adapter=lora", "sweep=optuna_lr", "hydra.sweeper.n_trials=2", *FAST], tmp_path / "sweep")
     assert "Best value" in done.stdout + done.stderr
     assert len(run_dirs(tmp_path / "sweep")) == 2
 
 
+@pytest.mark.slow
 def test_submitit_local_executor(tmp_path):
     """The cluster launcher's local executor: the run goes through submitit and writes a normal run dir."""
     multirun(["+adapter=lora", *FAST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"],

@@ -18,22 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from vbshare import locks
 from vbshare.compare import Runner, start_afresh
 from vbshare.errors import VBShareError
 from vbshare.records import read_jsonl
 from vbshare.train import CONFIG_DIR, app, run_training
+from helpers import compose_config
 
 TINY = ["model=tiny_bert", "trainer=debug", "data.max_length=32"]
 SPAWN_TIMEOUT_S = 180
 ENV = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "VBSHARE_DEBUG")}
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -73,6 +69,7 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "split" not in r]
 
 
+@pytest.mark.slow
 def test_second_train_into_a_held_folder_is_refused_and_the_first_is_intact(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     train = ["-m", "vbshare.train", "+adapter=lora", *TINY, f"hydra.run.dir={run_dir}"]
@@ -104,6 +101,7 @@ def test_second_train_into_a_held_folder_is_refused_and_the_first_is_intact(tmp_
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_second_compare_into_a_held_out_is_refused_and_the_first_is_intact(tmp_path):
     out = tmp_path / "cmp"
     comparison = ["-m", "vbshare.compare", *TINY, "compare.methods=[lora]", "compare.trials=1",
@@ -124,6 +122,7 @@ def test_second_compare_into_a_held_out_is_refused_and_the_first_is_intact(tmp_p
     assert not any(p.name == locks.OWNER_FILE for p in out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_a_killed_holders_lock_is_taken_over(tmp_path):
     """A process killed with SIGKILL while holding a folder: while it lives, the folder is refused (also to a
     comparison that would empty it); once it is dead, the next writer takes the folder over, although the dead

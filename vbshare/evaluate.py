@@ -38,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from .errors import VBShareError
 from .files import atomic_write
@@ -174,16 +175,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
     try:
         if engine.device.type == "cpu":
             set_threads(trainer.num_threads)
-        task, model, tokenizer, data = build_task_and_model(cfg, engine.device)
-        if split not in data or not len(data[split]):
-            raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
-                               f"{', '.join(s for s in data if len(data[s]))}")
-        check_same_labels(task.label_names, run_dir)
-        mode = run_mode(cfg, task.kind)
-        model.requires_grad_(False)  # the head in fp32, as it trained (a lower-precision base stays as loaded)
-        mode.train_heads(model)
-        keep_trained_in_fp32(model, engine.precision)
-        model = mode.load_outputs(model, run_dir, check_base=check_base).to(engine.device)
+        task, model, tokenizer, data = rebuild_trained(cfg, run_dir, engine, check_base, split)
         scores, rows = score_split(model, task, data[split], engine, trainer.eval_batch_size,
                                    tokenizer.pad_token_id or 0)
         is_main = engine.is_main
@@ -194,6 +186,24 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         write_predictions(Path(predictions_path), rows)
     return {"run_dir": str(run_dir), "split": split, "task": task.name, "metric": task.metric, "scores": scores,
             "examples": len(data[split]), "predictions": None if predictions_path is None else str(predictions_path)}
+
+
+def rebuild_trained(cfg: DictConfig, run_dir: Path, engine: Engine, check_base: bool = True,
+                    split: str | None = None) -> tuple[Any, nn.Module, Any, dict]:
+    """A fresh base built as the training app builds it, with what the run trained (`adapter/` with the head, a
+    full fine-tune's `model/`, a head-only run's head) loaded onto it: (task, model, tokenizer, splits). `split`,
+    when given, must be a non-empty split of the task."""
+    task, model, tokenizer, data = build_task_and_model(cfg, engine.device)
+    if split is not None and (split not in data or not len(data[split])):
+        raise VBShareError(f"the task {task.name} has no {split} split to score; choose split= one of "
+                           f"{', '.join(s for s in data if len(data[s]))}")
+    check_same_labels(task.label_names, run_dir)
+    mode = run_mode(cfg, task.kind)
+    model.requires_grad_(False)  # the head in fp32, as it trained (a lower-precision base stays as loaded)
+    mode.train_heads(model)
+    keep_trained_in_fp32(model, engine.precision)
+    model = mode.load_outputs(model, run_dir, check_base=check_base).to(engine.device)
+    return task, model, tokenizer, data
 
 
 def check_same_labels(label_names: Sequence[str], run_dir: Path) -> None:
