@@ -293,7 +293,7 @@ def bench_training(name, base, variants, batch, seq, args, device, progress) -> 
     b = vector_length(cfg.hidden_size, cfg.intermediate_size)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(batch),
                         ).to(device)
-    cast = getattr(torch, args.adapter_dtype) if args.adapter_dtype else None
+    cast = getattr(torch, args.dtype) if args.cast_adapters else None  # the base is in it already: stays shared
     runners = {v: Runner(v, build_variant(v, base, args.rank, b, cast), ids) for v in variants}
     for runner in runners.values():  # warm-up: allocator, AdamW state, lazy init
         for _ in range(args.warmup):
@@ -483,9 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     adapters.add_argument("--batch-sizes", default=None, help="comma list (default 4,16; --quick: 4)")
     adapters.add_argument("--seq-len", type=int, default=128)
     adapters.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's dtype")
-    adapters.add_argument("--adapter-dtype", default=None, choices=["float32", "bfloat16"],
-                          help="cast each adapted model, adapter included, to this dtype after adapting (default: "
-                               "none, the adapter stays float32 as the training app keeps it)")
+    adapters.add_argument("--cast-adapters", action="store_true",
+                          help="cast each adapter to --dtype too, so the whole adapted model is in one dtype "
+                               "(default: adapters stay float32, as the training app keeps them)")
     adapters.add_argument("--rank", type=int, default=8, help="rank of every LoRA-like method (VeRA: 256, RandLoRA: 32)")
     adapters.add_argument("--variants", default="all",
                           help="comma list of floor, registered methods and " + ", ".join(PEFT_PEERS) +
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine_methods = [m for m in args.engine_methods.split(",") if m in METHODS]
     steps += args.repeats * len(engine_variants(args, engine_methods)) if "engine" in args.parts else 0
     results = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-               "dtype": args.dtype, "adapter_dtype": args.adapter_dtype, "torch": torch.__version__, "python": platform.python_version(),
+               "dtype": args.dtype, "cast_adapters": args.cast_adapters, "torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads(), "rank": args.rank, "targets": TARGETS,
                "repeats": args.repeats, "inference_repeats": args.inference_repeats, "warmup": args.warmup,
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:] if argv is None else argv,
