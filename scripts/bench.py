@@ -9,8 +9,8 @@ adapters   Training step (forward + backward + AdamW step + the method's after-s
            layer adapted. Variants: the floor (the frozen base; the input embeddings require grad, so gradients
            flow back through every layer but no weight gets one: the least work an adapter in every layer
            must cause), every method in vbshare's registry, and Hugging Face PEFT's LoRA, VB-LoRA, VeRA,
-           Uni-LoRA and RandLoRA on the same targets with the same sizes. Each method runs at its bench size (printed with
-           the table). A method with a bench size but no registration here is skipped with a note.
+           Uni-LoRA and RandLoRA on the same targets with the same sizes. Each method runs at its bench size
+           (printed with the table). A method with a bench size but no registration here is skipped with a note.
            Peak memory: CUDA max_memory_allocated during the step above what was allocated before it, plus
            the adapter's weight and AdamW moments; on CPU an ESTIMATE: distinct storages saved for backward
            (frozen weights excluded) + 4 x the trainable bytes (weight, gradient, two AdamW moments).
@@ -486,7 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     adapters.add_argument("--cast-adapters", action="store_true",
                           help="cast each adapter to --dtype too, so the whole adapted model is in one dtype "
                                "(default: adapters stay float32, as the training app keeps them)")
-    adapters.add_argument("--rank", type=int, default=8, help="rank of every LoRA-like method (VeRA: 256, RandLoRA: 32)")
+    adapters.add_argument("--rank", type=int, default=8,
+                          help="rank of every LoRA-like method (VeRA: 256, RandLoRA: 32)")
     adapters.add_argument("--variants", default="all",
                           help="comma list of floor, registered methods and " + ", ".join(PEFT_PEERS) +
                                " (default all: floor + every registered method + the PEFT peers)")

@@ -343,7 +343,8 @@ def randlora_reference(adapter) -> torch.Tensor:
 
 
 def randlora_stored(model) -> float:
-    """Σ n·(r + d) over modules, d = min(in, out), n = ⌈d / r⌉ (lambdas and gammas); the bases come from the seed."""
+    """Σ n·(r + d) over modules, d = min(in, out), n = ⌈d / r⌉ (lambdas and gammas); the bases come from the
+    seed."""
     state = model.vbshare
     assert not state.config.save_projection, "this formula counts the bases as rebuilt, not saved"
     r = state.config.r

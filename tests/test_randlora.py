@@ -115,7 +115,8 @@ def test_llama_3b_count_is_pefts_method_comparison():
 def test_saved_bases_are_counted():
     model = ours("linear", save_projection=True)
     r, n_g, d_g, D_g = 5, 13, 64, 64  # largest target shape (64, 64)
-    modules = 2 * 4 * 7 * (5 + 32)  # 2 layers × 4 modules (output.dense matches two) × n·(r + d), n = ⌈32 / 5⌉ = 7
+    # 2 layers × 4 modules (output.dense matches two) × n·(r + d), n = ⌈32 / 5⌉ = 7
+    modules = 2 * 4 * 7 * (5 + 32)
     assert vbshare.summary(model).stored == modules + r * d_g + D_g * n_g * r
 
 
@@ -136,7 +137,8 @@ def test_peft_loads_our_export(kind, bases, tmp_path):
         reference = peft.PeftModel.from_pretrained(fresh(kind), tmp_path).eval()
     # PEFT 0.21 lists its per-module references to the shared bases as missing (they are filled from the one copy);
     # any other missing key would be a real gap in the export
-    listed = [m for w in caught for m in re.findall(r"'([^']+)'", str(w.message)) if "missing adapter keys" in str(w.message)]
+    messages = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    listed = [key for message in messages for key in re.findall(r"'([^']+)'", message)]
     assert listed and all(re.fullmatch(r"base_model\.model\..+\.randlora_[AB]\.default", k) for k in listed), listed
     torch.testing.assert_close(out(reference), out(model), atol=ATOL, rtol=0)
     for name, adapter in vbshare.adapters(model).items():  # and ΔW, in the base weight's own layout

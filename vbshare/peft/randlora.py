@@ -66,7 +66,8 @@ def shared_bases(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
                                    "by every module, so the folder is inconsistent: save it again")
         found[local] = first
     if len(found) == 1:
-        raise VBShareError("the PEFT RandLoRA adapter holds only one of randlora_A and randlora_B; is it a complete save?")
+        raise VBShareError("the PEFT RandLoRA adapter holds only one of randlora_A and randlora_B; "
+                           "is it a complete save?")
     return rest, found
 
 
@@ -76,7 +77,8 @@ def load(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -
     names = KEYS.modules_with(ours, "lambdas")
     if not names:
         raise VBShareError("the PEFT RandLoRA adapter holds no randlora_lambda tensors; is it a complete save?")
-    kind = "very_sparse" if config.get("very_sparse") else "sparse" if config.get("sparse") else "dense"  # PEFT's precedence
+    # PEFT's precedence: very_sparse over sparse
+    kind = "very_sparse" if config.get("very_sparse") else "sparse" if config.get("sparse") else "dense"
     inject(model, "randlora", targets=names, r=config["r"], alpha=config.get("randlora_alpha", 640),
            projection_seed=config.get("projection_prng_key", 0), save_projection=bool(bases), bases=kind,
            dropout=float(config.get("randlora_dropout") or 0.0))
