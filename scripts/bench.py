@@ -8,9 +8,9 @@ adapters   Training step (forward + backward + AdamW step + the method's after-s
            vbshare.train.train_step) on MiniLM-L6 and BERT-base shapes (random weights), every encoder linear
            layer adapted. Variants: the floor (the frozen base; the input embeddings require grad, so gradients
            flow back through every layer but no weight gets one: the least work an adapter in every layer
-           must cause), every method in vbshare's registry, and Hugging Face PEFT's LoRA, VB-LoRA, VeRA and
-           Uni-LoRA on the same targets with the same sizes. Each method runs at its bench size (printed with
-           the table). A method with a bench size but no registration here is skipped with a note.
+           must cause), every method in vbshare's registry, and Hugging Face PEFT's LoRA, VB-LoRA, VeRA,
+           Uni-LoRA and RandLoRA on the same targets with the same sizes. Each method runs at its bench size
+           (printed with the table). A method with a bench size but no registration here is skipped with a note.
            Peak memory: CUDA max_memory_allocated during the step above what was allocated before it, plus
            the adapter's weight and AdamW moments; on CPU an ESTIMATE: distinct storages saved for backward
            (frozen weights excluded) + 4 x the trainable bytes (weight, gradient, two AdamW moments).
@@ -58,6 +58,7 @@ VBLORA_VECTORS, VBLORA_TOPK = 256, 2  # the bank's h and k in every VB-LoRA vari
 VERA_RANK = 256  # VeRA trains only two vectors per module, so it runs at far higher ranks than LoRA
 NOLA_BASES = 256  # k = l; cached bases cost 4·r·(k·in + l·out) bytes per module (BERT-base, r 8: 1.3 GiB)
 UNILORA_THETA = 16384  # length of Uni-LoRA's one shared vector θ
+RANDLORA_RANK = 32  # rank of each RandLoRA basis (PEFT's default); a module gets ⌈min(in, out) / r⌉ of them
 PARTS = ("adapters", "inference", "engine")
 
 
@@ -75,6 +76,7 @@ def bench_sizes(rank: int, vector_length: int) -> dict[str, dict]:
         "nola": dict(r=rank, num_basis_a=NOLA_BASES),
         "vera": dict(r=VERA_RANK),
         "unilora": dict(r=rank, theta_d_length=UNILORA_THETA),
+        "randlora": dict(r=RANDLORA_RANK),
     }
 
 
@@ -94,11 +96,12 @@ def peft_config(variant: str, rank: int, vector_length: int):
         "peft-vera": lambda: peft.VeraConfig(target_modules=TARGETS, r=size["r"], save_projection=False),
         "peft-unilora": lambda: peft.UniLoraConfig(target_modules=TARGETS, r=size["r"],
                                                    theta_d_length=size["theta_d_length"]),
+        "peft-randlora": lambda: peft.RandLoraConfig(target_modules=TARGETS, r=size["r"], save_projection=False),
     }
     return builders[variant]() if variant in builders else None
 
 
-PEFT_PEERS = ["peft-lora", "peft-vblora", "peft-vera", "peft-unilora"]
+PEFT_PEERS = ["peft-lora", "peft-vblora", "peft-vera", "peft-unilora", "peft-randlora"]
 
 
 def plan_variants(requested: str, notes: list[str]) -> list[str]:
@@ -152,16 +155,19 @@ def vector_length(hidden: int, intermediate: int) -> int:
     return 256 if hidden % 256 == 0 and intermediate % 256 == 0 else 128
 
 
-def build_variant(variant: str, base: nn.Module, rank: int, b: int) -> nn.Module:
+def build_variant(variant: str, base: nn.Module, rank: int, b: int, cast: torch.dtype | None = None) -> nn.Module:
+    """`variant` on a copy of `base`; `cast`: then the whole adapted model, adapter included, in that dtype."""
     model = shared_copy(base)
     if variant == "floor":
         return model
     if variant in METHODS:
         torch.manual_seed(1)
-        return vbshare.inject(model, variant, targets=TARGETS, **method_size(variant, rank, b)).train()
-    import peft
+        model = vbshare.inject(model, variant, targets=TARGETS, **method_size(variant, rank, b))
+    else:
+        import peft
 
-    return peft.get_peft_model(model, peft_config(variant, rank, b)).train()
+        model = peft.get_peft_model(model, peft_config(variant, rank, b))
+    return (model.to(cast) if cast is not None else model).train()
 
 
 def trainable_bytes(model: nn.Module) -> int:
@@ -287,7 +293,8 @@ def bench_training(name, base, variants, batch, seq, args, device, progress) -> 
     b = vector_length(cfg.hidden_size, cfg.intermediate_size)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(batch),
                         ).to(device)
-    runners = {v: Runner(v, build_variant(v, base, args.rank, b), ids) for v in variants}
+    cast = getattr(torch, args.dtype) if args.cast_adapters else None  # the base is in it already: stays shared
+    runners = {v: Runner(v, build_variant(v, base, args.rank, b, cast), ids) for v in variants}
     for runner in runners.values():  # warm-up: allocator, AdamW state, lazy init
         for _ in range(args.warmup):
             runner.step()
@@ -480,7 +487,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     adapters.add_argument("--batch-sizes", default=None, help="comma list (default 4,16; --quick: 4)")
     adapters.add_argument("--seq-len", type=int, default=128)
     adapters.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's dtype")
-    adapters.add_argument("--rank", type=int, default=8, help="rank of every LoRA-like method (VeRA: 256)")
+    adapters.add_argument("--cast-adapters", action="store_true",
+                          help="cast each adapter to --dtype too, so the whole adapted model is in one dtype "
+                               "(default: adapters stay float32, as the training app keeps them)")
+    adapters.add_argument("--rank", type=int, default=8,
+                          help="rank of every LoRA-like method (VeRA: 256, RandLoRA: 32)")
     adapters.add_argument("--variants", default="all",
                           help="comma list of floor, registered methods and " + ", ".join(PEFT_PEERS) +
                                " (default all: floor + every registered method + the PEFT peers)")
@@ -543,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine_methods = [m for m in args.engine_methods.split(",") if m in METHODS]
     steps += args.repeats * len(engine_variants(args, engine_methods)) if "engine" in args.parts else 0
     results = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-               "dtype": args.dtype, "torch": torch.__version__, "python": platform.python_version(),
+               "dtype": args.dtype, "cast_adapters": args.cast_adapters, "torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads(), "rank": args.rank, "targets": TARGETS,
                "repeats": args.repeats, "inference_repeats": args.inference_repeats, "warmup": args.warmup,
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:] if argv is None else argv,

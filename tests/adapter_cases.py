@@ -311,6 +311,48 @@ def mos_stored(model) -> float:
     return state.config.equivalent_rank * sum(out + inp for out, inp in state.targets.values())
 
 
+def randlora_reference(adapter) -> torch.Tensor:
+    """Draw the shared bases again by the documented rule (one CPU generator seeded with projection_seed; bfloat16
+    U(±gain·√(3/fan_in)) with gain √(2/(1+5)): A (r, 1, d_g) with fan_in d_g first, then n_g slabs (D_g, 1, r) with
+    fan_in r; each of A and B divided by its own bf16 std), then sum M = Σ_{j<r, i<n} λ[j, i] · b_{j·n+i} (a_j ⊙ γ_i)ᵀ
+    term by term, b_p = basis_B[:D, p // r, p % r], a_j = A[j, :d]; ΔW = (α/r)·M, transposed when in > out
+    (docs/methods.md §17)."""
+    config = adapter.state.config
+    r = config.r
+    max_out = max(shape[0] for shape in adapter.state.targets.values())
+    max_in = max(shape[1] for shape in adapter.state.targets.values())
+    d_g, D_g = min(max_out, max_in), max(max_out, max_in)
+    n_g = math.ceil(d_g / r)
+    generator = torch.Generator().manual_seed(config.projection_seed)
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+        bound = math.sqrt(2.0 / 6.0) * math.sqrt(3.0 / fan_in)
+        return torch.empty(shape, dtype=torch.bfloat16).uniform_(-bound, bound, generator=generator)
+
+    A = uniform((r, 1, d_g), d_g)
+    B = torch.cat([uniform((D_g, 1, r), r) for _ in range(n_g)], dim=1)  # (D_g, n_g, r)
+    A, B = (A / A.std()).double()[:, 0], (B / B.std()).double()  # (r, d_g), (D_g, n_g, r)
+    d, D = min(adapter.in_features, adapter.out_features), max(adapter.in_features, adapter.out_features)
+    n = math.ceil(d / r)
+    lambdas, gammas = adapter.lambdas.detach().double(), adapter.gammas.detach().double()  # (r, n), (n, d)
+    M = torch.zeros(D, d, dtype=torch.float64)
+    for j in range(r):
+        for i in range(n):
+            p = j * n + i
+            M += lambdas[j, i] * torch.outer(B[:D, p // r, p % r], A[j, :d] * gammas[i])
+    delta = M if adapter.in_features <= adapter.out_features else M.T  # (out, in)
+    return (config.alpha / r) * delta
+
+
+def randlora_stored(model) -> float:
+    """Σ n·(r + d) over modules, d = min(in, out), n = ⌈d / r⌉ (lambdas and gammas); the bases come from the
+    seed."""
+    state = model.vbshare
+    assert not state.config.save_projection, "this formula counts the bases as rebuilt, not saved"
+    r = state.config.r
+    return sum(math.ceil(min(shape) / r) * (r + min(shape)) for shape in state.targets.values())
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8}, lora_reference, lora_stored),
     "vblora": Case("vblora", {"r": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, vblora_reference,
@@ -338,6 +380,9 @@ CASES: dict[str, Case] = {
     # each draw 3·2 of their role's 12 public shards, A and B independently
     "mos": Case("mos", {"r": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2, "seed": 3},
                 mos_reference, mos_stored),
+    # r = 5 does not divide d = 32, so n = 7 bases overshoot it; the targets' shapes differ in both orientations and
+    # stay below the shared bases' (d_g, D_g), so every module reads its own slice
+    "randlora": Case("randlora", {"r": 5, "alpha": 100, "projection_seed": 3}, randlora_reference, randlora_stored),
 }
 
 

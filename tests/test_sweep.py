@@ -64,8 +64,8 @@ def test_experiment_composes_and_runs(experiment, tmp_path):
     methods = {json.loads((d / "summary.json").read_text())["method"] for d in dirs}
     if experiment == "compare":
         assert methods == {"head_only", "full_finetune", "lora", "vblora", "aslora", "sora", "vera", "unilora",
-                           "tied_lora", "nola"}
-        assert len(dirs) == 11  # aslora twice: similarity and random pairing
+                           "tied_lora", "nola", "randlora"}
+        assert len(dirs) == 12  # aslora twice: similarity and random pairing
     table = report.summarise(report.collect_runs(sweep))
     assert len(table) == len(dirs)
 

@@ -16,6 +16,7 @@ from .adapters.lora import LoRA
 from .adapters.loraxs import LoRAXS
 from .adapters.mos import MoS
 from .adapters.nola import NOLA
+from .adapters.randlora import RandLoRA
 from .adapters.sora import SoRA
 from .adapters.tied_lora import TiedLoRA
 from .adapters.unilora import UniLoRA
@@ -76,3 +77,4 @@ register("vera", VeRA)
 register("unilora", UniLoRA)
 register("loraxs", LoRAXS)
 register("mos", MoS)
+register("randlora", RandLoRA)
