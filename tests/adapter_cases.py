@@ -416,6 +416,10 @@ BAD_CONFIGS: dict[str, list[tuple[dict, str]]] = {
                ({"alpha": 0}, r"alpha must be a positive number, got 0")],
     "mos": [({"equivalent_rank": 0}, r"equivalent_rank must be a positive integer, got 0"),
             ({"shards_per_vector": 3}, r"shards_per_vector=3 does not divide module .*e\.g\. shards_per_vector=2")],
+    "randlora": [({"alpha": 0}, r"alpha must be a positive number, got 0"),
+                 ({"bases": "dense2"}, r"bases must be one of dense, sparse, very_sparse, got 'dense2'"),
+                 ({"projection_seed": -1}, r"projection_seed must be an integer >= 0, got -1"),
+                 ({"save_projection": "yes"}, r"save_projection must be true or false, got 'yes'")],
 }
 for _name, _bad in BAD_CONFIGS.items():
     CASES[_name].bad_configs = [*CASES[_name].bad_configs, *_bad]
