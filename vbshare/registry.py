@@ -16,7 +16,9 @@ from .adapters.lora import LoRA
 from .adapters.loraxs import LoRAXS
 from .adapters.mos import MoS
 from .adapters.nola import NOLA
+from .adapters.pvera import PVeRA
 from .adapters.sora import SoRA
+from .adapters.tinylora import TinyLoRA
 from .adapters.tied_lora import TiedLoRA
 from .adapters.unilora import UniLoRA
 from .adapters.vblora import VBLoRA
@@ -76,3 +78,5 @@ register("vera", VeRA)
 register("unilora", UniLoRA)
 register("loraxs", LoRAXS)
 register("mos", MoS)
+register("pvera", PVeRA)
+register("tinylora", TinyLoRA)
