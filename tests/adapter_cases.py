@@ -310,7 +310,7 @@ def mos_stored(model) -> float:
 
 
 def pvera_reference(adapter) -> torch.Tensor:
-    """The deterministic (mean) path, docs/methods.md §15: draw the shared projections again from the seed
+    """The deterministic (mean) path, docs/methods.md §11: draw the shared projections again from the seed
     (U(−√(6/fan_in), √(6/fan_in)), A (2r, max_in) first, then B (max_out, r), one CPU generator), keep A's first r
     rows (the mean half) and sum λ_d[i] · (λ_b ⊙ B[:out, i]) A[i, :in] over i < r one term at a time."""
     config = adapter.state.config
@@ -336,14 +336,14 @@ def pvera_stored(model) -> float:
 
 
 def tinylora_groups(count: int, weight_tying: float) -> list[int]:
-    """docs/methods.md §16: G = max(1, round(L(1 − t))) groups of max(1, ⌊L/G⌋) modules, the rest in the last."""
+    """docs/methods.md §12: G = max(1, round(L(1 − t))) groups of max(1, ⌊L/G⌋) modules, the rest in the last."""
     groups = max(1, round(count * (1 - weight_tying)))
     size = max(1, count // groups)
     return [min(i // size, groups - 1) for i in range(count)]
 
 
 def tinylora_reference(adapter) -> torch.Tensor:
-    """ΔW = Σ_t v_t · U_r Σ^½ P_t Σ^½ V_rᵀ (docs/methods.md §16), from a numpy float64 SVD of the base weight read
+    """ΔW = Σ_t v_t · U_r Σ^½ P_t Σ^½ V_rᵀ (docs/methods.md §12), from a numpy float64 SVD of the base weight read
     directly (signs: u_i's largest-magnitude entry positive), P_t of module i redrawn as randn·(1/√r) from seed
     projection_seed + i, v the module's group row of the state's `vectors`, summed one term v_t P_t[j,k] at a time."""
     state, config = adapter.state, adapter.state.config

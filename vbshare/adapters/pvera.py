@@ -1,5 +1,5 @@
 """PVeRA (Fillioux et al., WACV 2026) — VeRA's frozen shared projections with a probabilistic latent: the input
-side yields a mean and a log-variance, and training samples the latent between them. docs/methods.md §15.
+side yields a mean and a log-variance, and training samples the latent between them. docs/methods.md §11.
 
 ONE pair of frozen random matrices serves the whole model, as in VeRA (vera.py), but A has twice the rows:
 A (2r, max_in) and B (max_out, r), max_in / max_out the largest in / out features over the targets. A module of

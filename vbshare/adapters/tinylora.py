@@ -1,6 +1,6 @@
 """TinyLoRA (Morris, Mireshghallah, Ibrahim, Mahloujifar, 2026: "Learning to Reason in 13 Parameters") — LoRA-XS's
 frozen SVD factors around an r × r matrix that is itself a trained u-vector times fixed random tensors, the vector
-optionally tied across modules down to one for the whole model. docs/methods.md §16.
+optionally tied across modules down to one for the whole model. docs/methods.md §12.
 
 Per module, with W (out, in) the frozen base weight (`LowRankAdapter.base_weight()`) and its truncated SVD
 W ≈ U_r Σ_r V_rᵀ (loraxs.truncated_svd: exact, float64, canonical signs), the frozen factors split Σ evenly:
