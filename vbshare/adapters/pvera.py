@@ -142,12 +142,6 @@ class PVeRA(LowRankAdapter):
         B = self.lambda_b[:, None] * self.state.projection_B[: self.out_features, :]  # (out, 1) * (out, r) -> (out, r)
         return A, B, 1.0
 
-    def latent_factors(self) -> tuple[Tensor, Tensor]:
-        """The sampling path's (diag(λ_d) A_sl (2r, in), diag(λ_b) B_sl (out, r)): mean and log-variance rows."""
-        A = self.lambda_d[:, None] * self.state.projection_A[:, : self.in_features]  # (2r, 1) * (2r, in) -> (2r, in)
-        B = self.lambda_b[:, None] * self.state.projection_B[: self.out_features, :]  # (out, 1) * (out, r) -> (out, r)
-        return A, B
-
     def samples(self) -> bool:
         """True when the forward pass samples the latent: train mode, or eval mode with sample_at_inference."""
         return self.training or self.sample_at_inference
@@ -156,13 +150,10 @@ class PVeRA(LowRankAdapter):
         if self.disabled or self.merged or not self.samples():
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
-        device_type = self.base_layer.weight.device.type
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # compose in the parameters' dtype
-            with torch.autocast(device_type, enabled=False):
-                A, B = self.latent_factors()
-        else:
-            A, B = self.latent_factors()
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., 2r)
+        # the vectors scale the activations, not the projections (as PEFT): no (2r, in) product is built or saved
+        A = self.state.projection_A[:, : self.in_features]  # (2r, in)
+        B = self.state.projection_B[: self.out_features, :]  # (out, r)
+        h = F.linear(self.dropout(x).to(self.lambda_d.dtype), A) * self.lambda_d  # (..., 2r)
         mu, logvar = h.chunk(2, dim=-1)  # (..., r) each
         std = torch.exp(0.5 * logvar)
         if self.generator is None:
@@ -173,7 +164,7 @@ class PVeRA(LowRankAdapter):
         if self.training and self.kl_weight > 0:
             mu32, logvar32 = mu.float(), logvar.float()
             self._kl = -0.5 * torch.mean(1 + logvar32 - mu32.pow(2) - logvar32.exp())
-        return result + F.linear(z.to(B.dtype), B).to(result.dtype)
+        return result + (F.linear(z.to(B.dtype), B) * self.lambda_b).to(result.dtype)  # (..., out)
 
     def extra_loss(self) -> Tensor | None:
         """kl_weight · the KL term of the last training forward (each term is returned once); None when off."""
