@@ -88,7 +88,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_module_list_covers_the_layers():
     for name in ("vbshare.adapters.base", "vbshare.registry", "vbshare.core", "vbshare.checkpoint",
-                 "vbshare.accounting", "vbshare.peft_interop", "vbshare.train.loop", "vbshare.report"):
+                 "vbshare.accounting", "vbshare.peft", "vbshare.train.loop", "vbshare.report"):
         assert name in MODULES
 
 
@@ -104,7 +104,7 @@ def test_import_graph_has_no_cycle():
     assert position["vbshare.registry"] < position["vbshare.core"] < position["vbshare.checkpoint"]
     method_modules = [n for n in MODULES if n.startswith("vbshare.adapters.") and n != "vbshare.adapters.base"]
     above_methods = {"vbshare", "vbshare.registry", "vbshare.core", "vbshare.checkpoint", "vbshare.accounting",
-                     "vbshare.peft_interop", "vbshare.train", "vbshare.train.loop"}
+                     "vbshare.peft", "vbshare.train", "vbshare.train.loop"}
     for method in method_modules:
         assert not graph[method] & above_methods, f"{method} imports from above the registry: {graph[method] & above_methods}"
 
@@ -116,7 +116,7 @@ def test_accounting_does_not_need_the_serialiser():
         for needed in graph[todo.pop()] - reachable:
             reachable.add(needed)
             todo.append(needed)
-    assert "vbshare.checkpoint" not in reachable and "vbshare.peft_interop" not in reachable
+    assert "vbshare.checkpoint" not in reachable and "vbshare.peft" not in reachable
     tree = ast.parse(MODULES["vbshare.accounting"].read_text())
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
         a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}

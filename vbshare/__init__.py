@@ -9,7 +9,7 @@
 Layers, each importing only from those before it: errors, checks, targets, records, files -> adapters/base.py (the
 contract, `state_of`, `adapters`) -> one module per method in adapters/ -> registry (METHODS) -> core
 (inject, merge, hooks, optimiser groups, adapter tensors) -> accounting (summary), checkpoint
-(save/load_adapter), peft_interop (export/import_peft) -> train/, analysis/, report.
+(save/load_adapter), peft (export/import_peft) -> train/, analysis/, report.
 """
 from .accounting import AdapterSummary, summary
 from .adapters.base import STATE_ATTR, AdapterConfig, AdapterState, LowRankAdapter, adapters, state_of
@@ -27,7 +27,7 @@ from .core import (
     unmerge,
 )
 from .errors import VBShareError
-from .peft_interop import export_peft, import_peft
+from .peft import export_peft, import_peft
 from .registry import METHODS
 from .registry import register as register_method
 from .sora import prune
