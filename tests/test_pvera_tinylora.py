@@ -224,3 +224,49 @@ def test_counts_on_a_llama_3b_shaped_model_built_without_weights():
         vbshare.inject(model, method, targets=["q_proj", "v_proj"], **hyperparameters)
         counted = vbshare.summary(model)
         assert (counted.stored, counted.trainable) == (stored, trainable), (method, hyperparameters)
+
+
+# -- analysis: TinyLoRA's tied vectors ------------------------------------------------------------------------------
+def test_tinylora_group_and_core_tables_on_a_hand_built_state():
+    """Five modules at weight_tying 0.5: G = round(2.5) = 2 groups of ⌊5/2⌋ = 2, the fifth joining the last, so the
+    groups are [0, 0, 1, 1, 1]. v_0 = (3, 4, 0), v_1 = (1, 0, 0); every module's P is (I, E_01, 0), so module 0's core
+    is R = [[3, 4], [0, 3]]: ‖R‖_F = √34 and singular values √((34 ± √832) / 2) (s₁² + s₂² = 34, s₁·s₂ = det = 9)."""
+    from vbshare.analysis import tinylora as TL
+
+    modules = [f"layers.{i}.fc" for i in range(5)]
+    vectors = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
+    groups = TL.group_table_from(vectors, modules, 0.5)
+    assert groups[["group", "modules", "first", "last"]].values.tolist() == [[0, 2, "L0.fc", "L1.fc"],
+                                                                            [1, 3, "L2.fc", "L4.fc"]]
+    assert groups["norm"].tolist() == pytest.approx([5.0, 1.0])
+    P = torch.stack([torch.eye(2), torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.zeros(2, 2)])  # (u=3, r=2, r=2)
+    cores = TL.core_table_from(vectors, {m: P for m in modules}, 0.5)
+    assert cores["group"].tolist() == [0, 0, 1, 1, 1]
+    assert cores["core_norm"].tolist() == pytest.approx([34 ** 0.5] * 2 + [2 ** 0.5] * 3)
+    assert cores.loc[0, "core_sv_max"] == pytest.approx(((34 + 832 ** 0.5) / 2) ** 0.5)
+    assert cores.loc[0, "core_sv_min"] == pytest.approx(((34 - 832 ** 0.5) / 2) ** 0.5)
+    with pytest.raises(vbshare.VBShareError, match="2 vectors, but weight_tying=0.0 on 5 modules gives 5 groups"):
+        TL.group_table_from(vectors, modules, 0.0)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_tinylora_tables_from_a_saved_adapter(save_projection, tmp_path):
+    """From a folder, P comes from the file or from the seed: the cores equal the live model's R, and the figure draws."""
+    from matplotlib.figure import Figure
+
+    from vbshare.analysis import tinylora as TL
+
+    model = vbshare.inject(fresh("linear"), "tinylora", targets=targets("linear"), weight_tying=0.5,
+                           save_projection=save_projection, **TINYLORA)
+    randomise([vbshare.state_of(model).vectors], 8)
+    vbshare.save_adapter(model, tmp_path)
+    cores = TL.core_table(tmp_path)
+    live = [torch.einsum("u,urs->rs", a.vector.detach().double(), a.projection.double()).norm().item()
+            for a in vbshare.adapters(model).values()]
+    assert cores["module"].tolist() == list(vbshare.adapters(model))
+    assert cores["core_norm"].tolist() == pytest.approx(live, rel=1e-6)
+    groups = TL.group_table(tmp_path)
+    assert groups["modules"].sum() == len(live) and len(groups) == 4
+    figure = TL.plot_vectors(TL.vector_matrix(tmp_path), cores)
+    assert isinstance(figure, Figure)
+    figure.savefig(tmp_path / "vectors.png")
