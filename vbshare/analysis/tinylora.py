@@ -120,5 +120,5 @@ def plot_vectors(vectors: pd.DataFrame, cores: pd.DataFrame):
     right.bar(range(len(cores)), cores["core_norm"], color=colours)
     right.set_xticks(range(len(cores)), cores["short"], rotation=90, fontsize=6)
     right.set_ylabel("‖R‖_F")
-    right.set_title("each module's core R = Σ v_t P_t (colour: group)", fontsize=9)
+    right.set_title("each module's core R = Σ v_t P_t (colour: group, cycling after 10)", fontsize=9)
     return figure
