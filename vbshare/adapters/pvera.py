@@ -17,6 +17,8 @@ Noise. `sample_seed` = None (default) draws ε from torch's generator of the inp
 app seeds with `seed`; an integer gives every module its own CPU generator seeded with
 derived_seed(sample_seed, module name) (SHA-256, `base.derived_seed`), whose draws are moved to the device: the
 same noise in every process and on every device, at the cost of one host-to-device copy per layer and pass.
+Activation checkpointing replays torch's generators for the recomputation (so the default draws the same ε twice)
+but not these per-module ones: with `sample_seed` set, a checkpointed layer's recomputation draws other noise.
 
 Optional KL term (the paper's objective; off by default, as in PEFT): with kl_weight = w > 0, each sampling
 forward records −½ · mean(1 + log σ² − μ² − σ²) over its (tokens × r) entries, and `extra_loss` returns
