@@ -9,8 +9,9 @@ adapters   Training step (forward + backward + AdamW step + the method's after-s
            layer adapted. Variants: the floor (the frozen base; the input embeddings require grad, so gradients
            flow back through every layer but no weight gets one: the least work an adapter in every layer
            must cause), every method in vbshare's registry, and Hugging Face PEFT's LoRA, VB-LoRA, VeRA,
-           Uni-LoRA and RandLoRA on the same targets with the same sizes. Each method runs at its bench size
-           (printed with the table). A method with a bench size but no registration here is skipped with a note.
+           Uni-LoRA, RandLoRA, PVeRA and TinyLoRA on the same targets with the same sizes. Each method runs at its
+           bench size (printed with the table). A method with a bench size but no registration here is skipped
+           with a note.
            Peak memory: CUDA max_memory_allocated during the step above what was allocated before it, plus
            the adapter's weight and AdamW moments; on CPU an ESTIMATE: distinct storages saved for backward
            (frozen weights excluded) + 4 x the trainable bytes (weight, gradient, two AdamW moments).
@@ -59,6 +60,7 @@ VERA_RANK = 256  # VeRA trains only two vectors per module, so it runs at far hi
 NOLA_BASES = 256  # k = l; cached bases cost 4·r·(k·in + l·out) bytes per module (BERT-base, r 8: 1.3 GiB)
 UNILORA_THETA = 16384  # length of Uni-LoRA's one shared vector θ
 RANDLORA_RANK = 32  # rank of each RandLoRA basis (PEFT's default); a module gets ⌈min(in, out) / r⌉ of them
+TINYLORA_RANK, TINYLORA_U = 2, 64  # TinyLoRA's defaults (the paper's r, PEFT's u): one vector of u per module
 PARTS = ("adapters", "inference", "engine")
 
 
@@ -77,6 +79,8 @@ def bench_sizes(rank: int, vector_length: int) -> dict[str, dict]:
         "vera": dict(r=VERA_RANK),
         "unilora": dict(r=rank, theta_d_length=UNILORA_THETA),
         "randlora": dict(r=RANDLORA_RANK),
+        "pvera": dict(r=VERA_RANK),
+        "tinylora": dict(r=TINYLORA_RANK, u=TINYLORA_U),
     }
 
 
@@ -97,11 +101,14 @@ def peft_config(variant: str, rank: int, vector_length: int):
         "peft-unilora": lambda: peft.UniLoraConfig(target_modules=TARGETS, r=size["r"],
                                                    theta_d_length=size["theta_d_length"]),
         "peft-randlora": lambda: peft.RandLoraConfig(target_modules=TARGETS, r=size["r"], save_projection=False),
+        "peft-pvera": lambda: peft.PveraConfig(target_modules=TARGETS, r=size["r"], save_projection=False),
+        "peft-tinylora": lambda: peft.TinyLoraConfig(target_modules=TARGETS, r=size["r"], u=size["u"],
+                                                     save_projection=False),
     }
     return builders[variant]() if variant in builders else None
 
 
-PEFT_PEERS = ["peft-lora", "peft-vblora", "peft-vera", "peft-unilora", "peft-randlora"]
+PEFT_PEERS = ["peft-lora", "peft-vblora", "peft-vera", "peft-unilora", "peft-randlora", "peft-pvera", "peft-tinylora"]
 
 
 def plan_variants(requested: str, notes: list[str]) -> list[str]:

@@ -316,7 +316,11 @@ def randlora_reference(adapter) -> torch.Tensor:
     U(±gain·√(3/fan_in)) with gain √(2/(1+5)): A (r, 1, d_g) with fan_in d_g first, then n_g slabs (D_g, 1, r) with
     fan_in r; each of A and B divided by its own bf16 std), then sum M = Σ_{j<r, i<n} λ[j, i] · b_{j·n+i} (a_j ⊙ γ_i)ᵀ
     term by term, b_p = basis_B[:D, p // r, p % r], a_j = A[j, :d]; ΔW = (α/r)·M, transposed when in > out
-    (docs/methods.md §17)."""
+    (docs/methods.md §10)."""
+def pvera_reference(adapter) -> torch.Tensor:
+    """The deterministic (mean) path, docs/methods.md §11: draw the shared projections again from the seed
+    (U(−√(6/fan_in), √(6/fan_in)), A (2r, max_in) first, then B (max_out, r), one CPU generator), keep A's first r
+    rows (the mean half) and sum λ_d[i] · (λ_b ⊙ B[:out, i]) A[i, :in] over i < r one term at a time."""
     config = adapter.state.config
     r = config.r
     max_out = max(shape[0] for shape in adapter.state.targets.values())
@@ -351,6 +355,62 @@ def randlora_stored(model) -> float:
     assert not state.config.save_projection, "this formula counts the bases as rebuilt, not saved"
     r = state.config.r
     return sum(math.ceil(min(shape) / r) * (r + min(shape)) for shape in state.targets.values())
+    generator = torch.Generator().manual_seed(config.projection_seed)
+    A = torch.empty(2 * r, max_in).uniform_(-(6 / max_in) ** 0.5, (6 / max_in) ** 0.5, generator=generator)
+    B = torch.empty(max_out, r).uniform_(-(6 / r) ** 0.5, (6 / r) ** 0.5, generator=generator)
+    A, B = A.double()[:, : adapter.in_features], B.double()[: adapter.out_features]  # (2r, in), (out, r)
+    lambda_d, lambda_b = adapter.lambda_d.detach().double(), adapter.lambda_b.detach().double()  # (2r,), (out,)
+    delta = torch.zeros(adapter.out_features, adapter.in_features, dtype=torch.float64)
+    for i in range(r):
+        delta += lambda_d[i] * torch.outer(lambda_b * B[:, i], A[i])
+    return delta
+
+
+def pvera_stored(model) -> float:
+    """Σ (out + 2r) over modules: λ_b and λ_d (mean and log-variance halves); projections rebuilt from the seed."""
+    state = model.vbshare
+    assert not state.config.save_projection, "this formula counts the projections as rebuilt, not saved"
+    return sum(out + 2 * state.config.r for out, _ in state.targets.values())
+
+
+def tinylora_groups(count: int, weight_tying: float) -> list[int]:
+    """docs/methods.md §12: G = max(1, round(L(1 − t))) groups of max(1, ⌊L/G⌋) modules, the rest in the last."""
+    groups = max(1, round(count * (1 - weight_tying)))
+    size = max(1, count // groups)
+    return [min(i // size, groups - 1) for i in range(count)]
+
+
+def tinylora_reference(adapter) -> torch.Tensor:
+    """ΔW = Σ_t v_t · U_r Σ^½ P_t Σ^½ V_rᵀ (docs/methods.md §12), from a numpy float64 SVD of the base weight read
+    directly (signs: u_i's largest-magnitude entry positive), P_t of module i redrawn as randn·(1/√r) from seed
+    projection_seed + i, v the module's group row of the state's `vectors`, summed one term v_t P_t[j,k] at a time."""
+    state, config = adapter.state, adapter.state.config
+    r, u = config.r, config.u
+    names = list(state.targets)
+    i = names.index(adapter.name)
+    v = state.state_dict()["vectors"].double()[tinylora_groups(len(names), config.weight_tying)[i]]  # (u,)
+    generator = torch.Generator().manual_seed(config.projection_seed + i)
+    P = (torch.randn(u, r, r, generator=generator) / math.sqrt(r)).double().numpy()  # (u, r, r)
+    weight = adapter.base_layer.weight.detach().double().numpy()
+    weight = weight.T if adapter.fan_in_fan_out else weight  # (out, in)
+    U, S, Vt = np.linalg.svd(weight, full_matrices=False)
+    for j in range(r):
+        if U[np.argmax(np.abs(U[:, j])), j] < 0:
+            U[:, j], Vt[j] = -U[:, j], -Vt[j]
+    delta = np.zeros_like(weight)
+    for t in range(u):
+        for j in range(r):
+            for k in range(r):
+                delta += float(v[t]) * P[t, j, k] * math.sqrt(S[j] * S[k]) * np.outer(U[:, j], Vt[k])
+    return torch.from_numpy(delta)
+
+
+def tinylora_stored(model) -> float:
+    """G · u: the tied vectors only; P comes from the seed and the SVD factors from the base (both not saved)."""
+    state = model.vbshare
+    config = state.config
+    assert not (config.save_projection or config.save_factors), "this formula counts P and the factors as rebuilt"
+    return (max(tinylora_groups(len(state.targets), config.weight_tying)) + 1) * config.u
 
 
 CASES: dict[str, Case] = {
@@ -383,6 +443,14 @@ CASES: dict[str, Case] = {
     # r = 5 does not divide d = 32, so n = 7 bases overshoot it; the targets' shapes differ in both orientations and
     # stay below the shared bases' (d_g, D_g), so every module reads its own slice
     "randlora": Case("randlora", {"r": 5, "alpha": 100, "projection_seed": 3}, randlora_reference, randlora_stored),
+    # the mean path against a float64 reference; training (3 steps) samples the latent, so the checks see trained λ's
+    # of both halves; d_initial 1 as for VeRA (λ_b's gradients are near Adam's eps at 0.1)
+    "pvera": Case("pvera", {"r": 8, "projection_seed": 3, "d_initial": 1.0}, pvera_reference, pvera_stored),
+    # weight_tying 0.5: the 10 (BERT) / 6 (GPT-2) targets share 5 / 3 vectors, pairs of modules reading one row; the
+    # tiny models' singular values (~0.3) and s = 1 make 3 steps from v = 0 move too little: v starts U(−1, 1)
+    "tinylora": Case("tinylora", {"r": 4, "u": 8, "weight_tying": 0.5, "projection_seed": 7, "init_v_bound": 1.0},
+                     tinylora_reference,
+                     tinylora_stored),
 }
 
 
@@ -420,6 +488,13 @@ BAD_CONFIGS: dict[str, list[tuple[dict, str]]] = {
                  ({"bases": "dense2"}, r"bases must be one of dense, sparse, very_sparse, got 'dense2'"),
                  ({"projection_seed": -1}, r"projection_seed must be an integer >= 0, got -1"),
                  ({"save_projection": "yes"}, r"save_projection must be true or false, got 'yes'")],
+    "pvera": [({"kl_weight": -1.0}, r"kl_weight must be a non-negative number, got -1.0"),
+              ({"sample_seed": "x"}, r"sample_seed must be a non-negative integer, got 'x'"),
+              ({"sample_at_inference": "yes"}, r"sample_at_inference must be true or false, got 'yes'")],
+    "tinylora": [({"u": 0}, r"u must be a positive integer, got 0"),
+                 ({"weight_tying": 1.5}, r"weight_tying must be a number in \[0, 1\]"),
+                 ({"r": 40}, r"tinylora r=40 exceeds min\(in, out\) = 32 of module .*choose r <= 32"),
+                 ({"init_v_bound": -1.0}, r"init_v_bound must be a non-negative number, got -1.0")],
 }
 for _name, _bad in BAD_CONFIGS.items():
     CASES[_name].bad_configs = [*CASES[_name].bad_configs, *_bad]

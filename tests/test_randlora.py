@@ -1,4 +1,4 @@
-"""RandLoRA beyond the shared matrix (docs/methods.md §17).
+"""RandLoRA beyond the shared matrix (docs/methods.md §10).
 
 The shared bases against PEFT's (the same bits from the same seed, dense and both sparse kinds), the trained count
 against PEFT's and against PEFT's published Llama-3.2-3B comparison count, the memory claims (the bases exist once

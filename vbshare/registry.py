@@ -17,7 +17,9 @@ from .adapters.loraxs import LoRAXS
 from .adapters.mos import MoS
 from .adapters.nola import NOLA
 from .adapters.randlora import RandLoRA
+from .adapters.pvera import PVeRA
 from .adapters.sora import SoRA
+from .adapters.tinylora import TinyLoRA
 from .adapters.tied_lora import TiedLoRA
 from .adapters.unilora import UniLoRA
 from .adapters.vblora import VBLoRA
@@ -78,3 +80,5 @@ register("unilora", UniLoRA)
 register("loraxs", LoRAXS)
 register("mos", MoS)
 register("randlora", RandLoRA)
+register("pvera", PVeRA)
+register("tinylora", TinyLoRA)

@@ -1,5 +1,5 @@
 """RandLoRA (Albert et al., ICLR 2025) — full-rank updates from frozen random low-rank bases that every module
-shares, combined through trained diagonal scalings. docs/methods.md §17.
+shares, combined through trained diagonal scalings. docs/methods.md §10.
 
 A module of shape (out, in) has d = min(in, out), the side its scalings act on, D = max(in, out), and
 n = ⌈d / r⌉ bases, the fewest with n·r >= d, so that the update can reach full rank. The paper writes, in the

@@ -1,8 +1,8 @@
 """Read and write Hugging Face PEFT adapter folders without importing PEFT.
 
-One module per PEFT type (`lora`, `vblora`, `vera`, `unilora`, `randlora`), each with one `KeyTable` that renames
-tensors both ways and an `export` / `load` pair; `PEFT_TYPES` below is the one table that maps vbshare methods onto
-PEFT's. A method PEFT lacks is written as a plain LoRA (and any method on request, `as_lora=True`); SoRA as its
+One module per PEFT type (`lora`, `vblora`, `vera`, `unilora`, `randlora`, `pvera`, `tinylora`), each with one
+`KeyTable` that renames tensors both ways and an `export` / `load` pair; `PEFT_TYPES` below is the one table
+that maps vbshare methods onto PEFT's. A method PEFT lacks is written as a plain LoRA (and any method on request, `as_lora=True`); SoRA as its
 pruned LoRA. Modules trained beside the adapter (PEFT's `modules_to_save`, a task head) are written and read
 under their own names.
 """
@@ -21,7 +21,7 @@ from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, serialise
 from ..core import check_module_tensors, head_modules, injected_or_undone, module_tensors
 from ..errors import VBShareError
 from ..files import atomic_write
-from . import lora, randlora, unilora, vblora, vera
+from . import lora, pvera, randlora, tinylora, unilora, vblora, vera
 from .common import PEFT_PREFIX, PeftType, strip_prefix
 
 __all__ = ["PEFT_TYPES", "export_peft", "import_peft"]
@@ -33,6 +33,8 @@ PEFT_TYPES: dict[str, PeftType] = {
     "vera": vera.TYPE,
     "unilora": unilora.TYPE,
     "randlora": randlora.TYPE,
+    "pvera": pvera.TYPE,
+    "tinylora": tinylora.TYPE,
 }
 PLAIN_LORA = lora.TYPE
 

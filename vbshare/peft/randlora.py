@@ -1,4 +1,4 @@
-"""PEFT's RandLoRA (docs/methods.md §17).
+"""PEFT's RandLoRA (docs/methods.md §10).
 
 Keys: `<module>.randlora_lambda` (r, n), `<module>.randlora_gamma` (n, d), and with `save_projection` the shared
 bases `base_model.randlora_A` (r, 1, d_g) and `base_model.randlora_B` (D_g, n_g, r). PEFT's own saves also hold
