@@ -19,6 +19,7 @@ its state (`STATE_ATTR`), `state_of(model)` and `adapters(model)`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ def derived_seed(seed: int, *parts: str) -> int:
     """A 63-bit generator seed from `seed` and names, the same in every process (SHA-256, not Python's hash)."""
     text = "/".join([str(seed), *parts]).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off for the block where it is on; nothing otherwise (torch knows no autocast for the meta
+    device, on which a model built without weights is planned)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_alpha(alpha: Any) -> None:
@@ -238,11 +247,8 @@ class LowRankAdapter(nn.Module):
     # -- derived once for every method -------------------------------------------------------------------------
     def composed_factors(self) -> tuple[Tensor, Tensor, float]:
         """`factors()` computed with autocast off, so the composition runs in the parameters' dtype."""
-        device_type = self.base_layer.weight.device.type
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: planning, no autocast
-            with torch.autocast(device_type, enabled=False):
-                return self.factors()
-        return self.factors()
+        with autocast_off(self.base_layer.weight.device.type):
+            return self.factors()
 
     def delta_weight(self) -> Tensor:
         """ΔW = s · B A, shape (out, in) — always the nn.Linear orientation, whatever the base layer stores."""
