@@ -220,6 +220,13 @@ class LowRankAdapter(nn.Module):
         """(A (r, in), B (out, r), scale s) as used in the forward pass."""
         raise NotImplementedError
 
+    def low_rank_forward(self, x: Tensor) -> Tensor | None:
+        """The adapter's output s · B (A x) for an input x (..., in) -> (..., out), computed the method's own way
+        when that is cheaper than forming A and B (e.g. scaling activations by trained vectors instead of scaling
+        whole factors); None (the default) uses `factors()`. It must equal x ΔWᵀ: ΔW, merging and export keep
+        coming from `factors()`."""
+        return None
+
     def extra_loss(self) -> Tensor | None:
         """An extra term added to the training loss (e.g. an L1 penalty), or None."""
         return None
@@ -259,8 +266,12 @@ class LowRankAdapter(nn.Module):
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled or self.merged:
             return result
+        x = self.dropout(x)
+        own = self.low_rank_forward(x)
+        if own is not None:
+            return result + own.to(result.dtype)
         A, B, scale = self.composed_factors()
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
+        h = F.linear(x.to(A.dtype), A)  # (..., r)
         if h.dtype == result.dtype and result.is_contiguous():
             # one GEMM computes result + s·h Bᵀ (no separate scale, add or cast kernels)
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
