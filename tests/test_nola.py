@@ -44,7 +44,7 @@ def bases_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_defaults_follow_the_paper():
     config = NOLAConfig()
     assert (config.num_basis_a, config.num_basis_l, config.r) == (1024, 1024, 8)
-    assert config.cache_bases is True
+    assert config.cache_bases is None and config.chunk_size is None
     model = vbshare.inject(toy(), "nola", targets=["fc"], num_basis_a=7)  # l follows k unless given
     assert {a.coef_B.numel() for a in vbshare.adapters(model).values()} == {7}
 
@@ -87,6 +87,17 @@ def test_chunked_memory_is_a_chunk():
     bases, weight, chunk = 2 * 128 * 8 * 256 * 4, 256 * 256 * 4, 8 * 8 * 256
     cached, chunked = peak(True), peak(False)
     assert cached > bases + weight and chunked < weight + 4 * 8 * chunk < weight + bases / 2
+
+
+def test_default_caches_only_bases_that_fit():
+    """cache_bases=None keeps the bases while all of them, 4·r·(k·in + l·out) bytes per module, fit in 2 GiB: the
+    toy's do; a Llama-2-7B's q_proj alone at k = l = 1024, r = 8 (4·8·(1024·4096·2) = 256 MiB) times 224 modules
+    does not, so planning it shows no bases held."""
+    assert all(a.cache_bases for a in vbshare.adapters(adapted()).values())
+    config = NOLAConfig(r=8, num_basis_a=1024)
+    seven_b = {f"layers.{i}.{m}": (4096, 4096) for i in range(32) for m in ("q", "k", "v", "o")}
+    assert config.caches(dict(list(seven_b.items())[:8])) and not config.caches(seven_b)
+    assert NOLAConfig(cache_bases=True).caches(seven_b)
 
 
 def test_bases_never_saved_and_rebuilt_on_load(tmp_path):

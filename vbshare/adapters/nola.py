@@ -40,6 +40,11 @@ from ..checks import integer
 from .base import AdapterConfig, AdapterState, LowRankAdapter, check_alpha, derived_seed
 
 
+# The default keeps the bases while all of them take at most this many bytes: cached steps are several times
+# faster on a CPU, made-again ones hold one chunk (measured in docs/methods.md §7); a 7B's would take ~60 GiB.
+CACHE_LIMIT_BYTES = 2 * 2**30
+
+
 @dataclass
 class NOLAConfig(AdapterConfig):
     r: int = 8
@@ -48,8 +53,9 @@ class NOLAConfig(AdapterConfig):
     alpha: float | None = None  # s = alpha / r; None -> alpha = r, so s = 1
     dropout: float = 0.0
     seed: int = 0  # with the module name, draws every basis
-    cache_bases: bool = True  # False: make the bases again, chunk by chunk, in every forward and backward
-    chunk_size: int = 64  # bases made at a time (memory O(chunk_size · r · max(in, out)) per module)
+    cache_bases: bool | None = None  # True: keep; False: make again, chunk by chunk, every pass; None: keep when
+    # every module's bases together fit in CACHE_LIMIT_BYTES (float32)
+    chunk_size: int | None = None  # bases made at a time; None: CHUNK_ENTRIES entries' worth for the device
 
     def validate(self) -> None:
         super().validate()
@@ -58,9 +64,10 @@ class NOLAConfig(AdapterConfig):
                 raise VBShareError(f"{key} must be a positive integer, got {value!r}")
         check_alpha(self.alpha)
         integer("seed", self.seed)
-        if not isinstance(self.cache_bases, bool):
-            raise VBShareError(f"cache_bases must be true or false, got {self.cache_bases!r}")
-        integer("chunk_size", self.chunk_size, low=1)
+        if self.cache_bases is not None and not isinstance(self.cache_bases, bool):
+            raise VBShareError(f"cache_bases must be true or false (or null: cache when they fit in "
+                               f"{CACHE_LIMIT_BYTES / 2**30:g} GiB), got {self.cache_bases!r}")
+        integer("chunk_size", self.chunk_size, low=1, null=True)
 
     @property
     def num_basis_l(self) -> int:
@@ -71,12 +78,23 @@ class NOLAConfig(AdapterConfig):
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.r) / self.r
 
+    def caches(self, targets: dict[str, tuple[int, int]]) -> bool:
+        """Whether the bases are kept: `cache_bases`, or when None whether all of them, 4·r·(k·in + l·out) bytes
+        per module of (out, in) in `targets`, fit in CACHE_LIMIT_BYTES."""
+        if self.cache_bases is not None:
+            return self.cache_bases
+        k, l = self.num_basis_a, self.num_basis_l
+        return sum(4 * self.r * (k * inp + l * out) for out, inp in targets.values()) <= CACHE_LIMIT_BYTES
+
 
 # -- the bases: a counter-based generator in int64 tensor ops ------------------------------------------------------
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as signed int64 (torch has no uint64 arithmetic)
 MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
 MIX_2 = 0x94D049BB133111EB - 2**64
 TOP_BITS = 24  # a float32 holds every integer below 2^24 exactly
+# Entries made at a time by default: on a CPU a chunk whose int64 working set stays in cache (measured 4x faster
+# than 16 MiB chunks); on a GPU large chunks, so few kernel launches (2^22 entries: 32 MiB per int64 tensor).
+CHUNK_ENTRIES = {"cpu": 2**16, "cuda": 2**22}
 
 
 def shift_right(z: Tensor, bits: int) -> Tensor:
@@ -124,6 +142,13 @@ class BasisSpec:
     def chunks(self, size: int) -> range:
         return range(0, self.shape[0], size)
 
+    def chunk_for(self, device: torch.device, size: int | None) -> int:
+        """`size` bases, or when None as many as hold CHUNK_ENTRIES[device type] entries (at least one)."""
+        if size is not None:
+            return size
+        entries = CHUNK_ENTRIES.get(torch.device(device).type, CHUNK_ENTRIES["cuda"])
+        return max(1, entries // (self.shape[1] * self.shape[2]))
+
 
 def combine(coefficients: Tensor, bases: Tensor) -> Tensor:
     """Σ_i c_i M_i: coefficients (count,), bases (count, rows, cols) -> (rows, cols)."""
@@ -136,7 +161,8 @@ class _CombineChunked(torch.autograd.Function):
     memory O(size · rows · cols), and autograd keeps none of them."""
 
     @staticmethod
-    def forward(ctx, coefficients: Tensor, spec: BasisSpec, size: int) -> Tensor:
+    def forward(ctx, coefficients: Tensor, spec: BasisSpec, size: int | None) -> Tensor:
+        size = spec.chunk_for(coefficients.device, size)
         ctx.spec, ctx.size = spec, size
         _, rows, cols = spec.shape
         total = coefficients.new_zeros(rows * cols)  # (rows·cols,)
@@ -173,7 +199,7 @@ class NOLA(LowRankAdapter):
         self.coef_B = nn.Parameter(torch.zeros(l, device=device))  # β (l,)
         bound = math.sqrt(3.0 / self.in_features)  # Var(A entry) = k · (1/in) · 1/(3k) = 1/(3·in), as LoRA's A
         nn.init.uniform_(self.coef_A, -bound, bound)
-        self.cache_bases, self.chunk_size = config.cache_bases, config.chunk_size
+        self.cache_bases, self.chunk_size = config.caches(state.targets), config.chunk_size
         if self.cache_bases:
             self.register_buffer("bases_A", self.draw_all(self.spec_A, device), persistent=False)  # (k, r, in)
             self.register_buffer("bases_B", self.draw_all(self.spec_B, device), persistent=False)  # (l, out, r)
@@ -181,8 +207,9 @@ class NOLA(LowRankAdapter):
     def draw_all(self, spec: BasisSpec, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
         """Every basis of `spec` (count, rows, cols), made `chunk_size` at a time into one tensor."""
         bases = torch.empty(spec.shape, device=device, dtype=dtype)
-        for start in spec.chunks(self.chunk_size):
-            bases[start:start + self.chunk_size] = spec.draw(start, start + self.chunk_size, device, dtype)
+        size = spec.chunk_for(bases.device, self.chunk_size)
+        for start in spec.chunks(size):
+            bases[start:start + size] = spec.draw(start, start + size, device, dtype)
         return bases
 
     def bases(self) -> tuple[Tensor, Tensor]:
