@@ -6,26 +6,20 @@ with frozen random bases A_i (r, in), B_j (out, r) and trained coefficients α (
 between modules; the only stored tensors are the coefficients, k + l per module, whatever the layer's shape
 and r.
 
-The bases are drawn from the module's own seed, derived from `seed` and the module name by SHA-256 (the same
-in every process, unlike Python's hash()), one stream for the A bases and one for the B bases:
+The bases come from the module's own seed, derived from `seed` and the module name by SHA-256 (the same in every
+process, unlike Python's hash()), one stream for the A bases and one for the B bases:
     A_i entries ~ U(−1/√k, 1/√k),   B_j entries ~ U(−1/√l, 1/√l)
-(the official code's scaling), always drawn in float32 on the CPU with a seeded `torch.Generator` and then
-moved, so every device and every load rebuilds the same bits. They are never saved. Initialisation:
-α ~ U(−√(3/in), √(3/in)) from the global RNG, which gives A entries of variance 1/(3·in), that of LoRA's
-kaiming A; β = 0, so ΔW = 0 at init.
+(the official code's scaling). Entry n of a stream is a function of (seed, n) alone — splitmix64 written in int64
+tensor ops (`BasisSpec`) — so the bases are made on the module's own device, any chunk of them alone, with the
+same bits on every device and every load. They are never saved. Initialisation: α ~ U(−√(3/in), √(3/in)) from
+the global RNG, which gives A entries of variance 1/(3·in), that of LoRA's kaiming A; β = 0, so ΔW = 0 at init.
 
-`cache_bases` (default True) keeps the bases as non-persistent buffers of the module (they follow `.to()`,
-are cast with the model, and never enter a state_dict); False draws them again in every forward pass and
-again in backward (a custom autograd function keeps nothing but the seed), trading time for memory.
-Measured on the MiniLM module set (a random BERT of MiniLM's shape: 6 layers × query, key, value,
-attention.output.dense, intermediate.dense, output.dense = 36 modules; k = l = 1024, r = 8), CPU, one thread,
-batch 8 × 128 tokens, AdamW (peak RSS with MALLOC_MMAP_THRESHOLD_=1048576, so glibc returns freed blocks):
-    cached       0.90 s per training step, 0.35 s per no-grad forward, 1.27 GiB of bases held, peak RSS 1.99 GiB
-    regenerated  3.32 s per training step, 1.35 s per no-grad forward, no bases held,       peak RSS 0.76 GiB
-    (LoRA r = 8  0.81 s,                   0.27 s,                                          peak RSS 0.72 GiB)
-Caching is the default because it is about 3.7× faster; the bases cost 4·r·(k·in + l·out) bytes per module in
-float32. Drawing the bases again is the choice when they do not fit; merge before serving, as every no-grad
-forward draws them too.
+`cache_bases` True keeps the bases as non-persistent buffers of the module (they follow `.to()`, are cast with the
+model, and never enter a state_dict); False makes them again in every forward pass and again in backward,
+`chunk_size` bases at a time (a custom autograd function keeps nothing but the seed), so a module's memory is one
+chunk's; None (the default) caches while all modules' bases fit in CACHE_LIMIT_BYTES. Caching was measured much
+faster per step on a CPU (docs/methods.md §7 has the table); the bases cost 4·r·(k·in + l·out) bytes per module,
+about 60 GiB for a 7B at k = l = 1024, r = 8, where only the chunked path fits.
 """
 from __future__ import annotations
 
