@@ -112,17 +112,30 @@ def tied_lora_reference(adapter) -> torch.Tensor:
     return (config.alpha / config.r) * delta
 
 
+def splitmix64_bases(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """NOLA's bases by the documented rule, in numpy uint64 (wrapping) arithmetic: entry n (C order of `shape`)
+    takes the top 24 bits u of splitmix64(seed, n) and becomes (2u + 1 − 2^24) · (1/√count) / 2^24, rounded once
+    to float32, as float64."""
+    n = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (n + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    top = (z >> np.uint64(40)).astype(np.int64)
+    step = np.float32(1.0 / math.sqrt(shape[0]) / 2**24)
+    return ((2 * top + 1 - 2**24).astype(np.float32) * step).astype(np.float64).reshape(shape)
+
+
 def nola_reference(adapter) -> torch.Tensor:
-    """ΔW = s · (Σ_j β_j B_j)(Σ_i α_i A_i) with the bases redrawn here by the documented rule: seed = first 8
-    bytes (little-endian, top bit cleared) of SHA-256("<seed>/<module name>/<A|B>"), float32 CPU draws
-    U(−1/√count, 1/√count) of shape (k, r, in) / (l, out, r); summed in float64, one basis at a time."""
+    """ΔW = s · (Σ_j β_j B_j)(Σ_i α_i A_i) with the bases made here by the documented rule: seed = first 8 bytes
+    (little-endian, top bit cleared) of SHA-256("<seed>/<module name>/<A|B>"), entries from splitmix64
+    (`splitmix64_bases`) of shape (k, r, in) / (l, out, r); summed in float64, one basis at a time."""
     config = adapter.state.config
 
     def bases(factor: str, shape: tuple[int, int, int]) -> torch.Tensor:
         digest = hashlib.sha256(f"{config.seed}/{adapter.name}/{factor}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        bound = 1.0 / math.sqrt(shape[0])
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator).double()
+        return torch.from_numpy(splitmix64_bases(int.from_bytes(digest[:8], "little") & (2**63 - 1), shape))
 
     coef_A, coef_B = adapter.coef_A.detach().double(), adapter.coef_B.detach().double()  # α (k,), β (l,)
     r, out_features, in_features = config.r, adapter.out_features, adapter.in_features
@@ -470,7 +483,8 @@ BAD_CONFIGS: dict[str, list[tuple[dict, str]]] = {
                   ({"alpha": 0}, "alpha must be positive"), ({"r": 0}, "r must be a positive integer")],
     "nola": [({"num_basis_a": 0}, "num_basis_a must be a positive integer"),
              ({"num_basis_b": 2.5}, "num_basis_b must be a positive integer"),
-             ({"cache_bases": "yes"}, "cache_bases must be true or false"), ({"alpha": -1.0}, "alpha must be positive"),
+             ({"cache_bases": "yes"}, "cache_bases must be true or false"),
+             ({"chunk_size": 0}, "chunk_size must be a positive integer or null"), ({"alpha": -1.0}, "alpha must be positive"),
              ({"seed": "x"}, "seed must be an integer"), ({"bases": 4}, "unknown nola hyperparameter")],
     "vera": [({"d_initial": "big"}, "d_initial must be a finite number"),
              ({"projection_seed": -1}, "projection_seed must be a non-negative integer"),

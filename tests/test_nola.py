@@ -1,6 +1,7 @@
-"""NOLA (docs/methods.md §7): the bases are never saved and are rebuilt bit-identically (on load, in another
-process, after `.to()` moves of dtype and device), cached and regenerated bases give the same numbers while the
-regenerated path keeps no bases in the autograd graph, stored = k + l per module, defaults, bad configs."""
+"""NOLA (docs/methods.md §7): the bases are the documented splitmix64 numbers (a numpy reimplementation), never
+saved and rebuilt bit-identically (on load, in another process, after `.to()` moves of dtype and device, chunk by
+chunk), cached and chunked bases give the same numbers while the chunked path keeps no bases in the autograd graph
+and its memory stays that of a chunk, stored = k + l per module, defaults, bad configs."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -17,6 +19,7 @@ import vbshare
 from vbshare.adapters.nola import NOLAConfig
 from vbshare.checkpoint import WEIGHTS_FILE
 
+from adapter_cases import splitmix64_bases
 from toy_model import Toy, batch, build_toy, train
 
 K, L, R = 10, 6, 3
@@ -40,9 +43,60 @@ def bases_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_defaults_follow_the_paper():
     config = NOLAConfig()
     assert (config.num_basis_a, config.num_basis_l, config.r) == (1024, 1024, 8)
-    assert config.cache_bases is True
+    assert config.cache_bases is None and config.chunk_size is None
     model = vbshare.inject(toy(), "nola", targets=["fc"], num_basis_a=7)  # l follows k unless given
     assert {a.coef_B.numel() for a in vbshare.adapters(model).values()} == {7}
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])
+def test_bases_are_the_documented_numbers(cache):
+    """Every basis entry equals the numpy splitmix64 rule bit for bit (seed from SHA-256 of "<seed>/<name>/<A|B>"),
+    whether cached or made in chunks of 4 that do not divide k = 10."""
+    model = adapted(cache_bases=cache, chunk_size=4)
+    for name, adapter in vbshare.adapters(model).items():
+        for factor, made in zip("AB", adapter.bases()):
+            digest = hashlib.sha256(f"0/{name}/{factor}".encode()).digest()
+            expected = splitmix64_bases(int.from_bytes(digest[:8], "little") & (2**63 - 1), tuple(made.shape))
+            assert made.dtype == torch.float32 and np.array_equal(made.numpy(), expected.astype(np.float32)), name
+    bound = 1 / K**0.5
+    every = vbshare.adapters(adapted(num_basis_a=K, r=8))["layers.0.proj"].bases()[0]  # (10, 8, 12): 960 draws
+    assert every.abs().max() < bound and abs(every.var().item() / (bound**2 / 3) - 1) < 0.15
+
+
+def test_chunked_memory_is_a_chunk():
+    """One training step's peak of tensor bytes (torch's profiler) with chunked bases is the base weight plus one
+    chunk's working set (its int64 counters: a few 8-byte tensors per entry), far below the cached bases
+    (k = l = 128, r = 8, 256 × 256: 2 MiB of bases; chunks of 8 bases: 16,384 entries)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    def peak(cache: bool) -> int:
+        model = nn.Sequential(nn.Linear(256, 256))
+        vbshare.inject(model, "nola", targets=["0"], r=8, num_basis_a=128, cache_bases=cache, chunk_size=8)
+        held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        x = torch.randn(4, 256)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            model[0](x).pow(2).sum().backward()
+        live = top = 0
+        for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+            live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+            top = max(top, live)
+        return held + top
+
+    bases, weight, chunk = 2 * 128 * 8 * 256 * 4, 256 * 256 * 4, 8 * 8 * 256
+    cached, chunked = peak(True), peak(False)
+    assert cached > bases + weight and chunked < weight + 4 * 8 * chunk < weight + bases / 2
+
+
+def test_default_caches_only_bases_that_fit():
+    """cache_bases=None keeps the bases while all of them, 4·r·(k·in + l·out) bytes per module, fit in 2 GiB: the
+    toy's do; a Llama-2-7B's q_proj alone at k = l = 1024, r = 8 (4·8·(1024·4096·2) = 256 MiB) times 224 modules
+    does not, so planning it shows no bases held."""
+    assert all(a.cache_bases for a in vbshare.adapters(adapted()).values())
+    config = NOLAConfig(r=8, num_basis_a=1024)
+    seven_b = {f"layers.{i}.{m}": (4096, 4096) for i in range(32) for m in ("q", "k", "v", "o")}
+    assert config.caches(dict(list(seven_b.items())[:8])) and not config.caches(seven_b)
+    assert NOLAConfig(cache_bases=True).caches(seven_b)
 
 
 def test_bases_never_saved_and_rebuilt_on_load(tmp_path):
@@ -61,7 +115,7 @@ def test_bases_never_saved_and_rebuilt_on_load(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])
 def test_bases_after_dtype_move(dtype, cache, tmp_path):
     """After `.to(dtype)` the bases are the float32 draw cast once, whichever way they are kept and also
     after a load; the adapter then runs in that dtype."""
@@ -77,7 +131,7 @@ def test_bases_after_dtype_move(dtype, cache, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])
 def test_bases_after_device_move(cache):
     reference = bases_of(adapted())
     model = adapted(cache_bases=cache).to("cuda")
@@ -125,7 +179,7 @@ def test_cached_and_regenerated_agree():
         torch.testing.assert_close(a.delta_weight(), b.delta_weight(), atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("cache", [True, False], ids=["cached", "regenerated"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])
 def test_regenerated_bases_are_not_kept_for_backward(cache):
     """Cached bases are saved for backward (they are alive anyway); regenerated ones are drawn again in backward,
     so nothing basis-sized is saved."""

@@ -54,6 +54,32 @@ def test_vera_starts_at_the_base_model_and_keeps_projections_frozen():
     assert all(a.lambda_b.abs().max() > 0 for a in vbshare.adapters(model).values())
 
 
+def test_vera_forward_scales_activations_and_matches_the_float64_formula():
+    """The forward pass never forms the scaled factors: autograd keeps no (r, in) or (out, r) tensor, only
+    activations; output and gradients equal a float64 evaluation of λ_b ⊙ (B_sl (λ_d ⊙ (A_sl x))) by hand."""
+    model = vbshare.inject(two_linear(), "vera", targets=["lin0", "lin1"], r=8)
+    layer = model.lin0  # (out=64, in=32)
+    with torch.no_grad():
+        layer.lambda_b.normal_()
+        layer.lambda_d.normal_()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(tuple(t.shape)), t)[1], lambda t: t):
+        out = layer(X)
+    assert (8, 32) not in shapes and (64, 8) not in shapes, shapes
+    out.pow(2).sum().backward()
+    A = model.vbshare.projection_A[:, :32].double()  # (r, in)
+    B = model.vbshare.projection_B[:64].double()  # (out, r)
+    d = layer.lambda_d.detach().double().requires_grad_()
+    b = layer.lambda_b.detach().double().requires_grad_()
+    base = layer.base_layer.weight.double()
+    x = X.double()
+    expected = x @ base.T + layer.base_layer.bias.double() + ((x @ A.T) * d) @ B.T * b  # (4, out)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lambda_d.grad.double(), d.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.lambda_b.grad.double(), b.grad, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("save_projection", [False, True])
 def test_vera_save_projection_decides_what_is_written(save_projection, tmp_path):
     model = vbshare.inject(two_linear(), "vera", targets=["lin0", "lin1"], r=8, save_projection=save_projection)

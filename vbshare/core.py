@@ -62,19 +62,21 @@ def inject(
 
     trained = [param for param in model.parameters() if param.requires_grad]
     replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, base layer): undone on failure
+    device = next(iter(modules[names[0]].parameters())).device
     try:
         for param in trained:
             param.requires_grad_(False)
-        state = adapter_class.state_class(method, config, shapes)
+        with planning(device):
+            state = adapter_class.state_class(method, config, shapes)
         state.target_spec = {"targets": targets, "exclude": exclude, "layers": None if layers is None else list(
             [layers] if isinstance(layers, int) else layers)}
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            adapter = adapter_class(modules[name], name, config, state)
+            with planning(device):
+                adapter = adapter_class(modules[name], name, config, state)
             setattr(parent, child, adapter.train(modules[name].training))  # keep the base layer's train/eval mode
             replaced.append((parent, child, modules[name]))
-        device = next(iter(modules[names[0]].parameters())).device
         state = state.to(device)
     except BaseException as err:
         for parent, child, base_layer in replaced:  # the model as it was
@@ -90,6 +92,13 @@ def inject(
     model.register_forward_pre_hook(_begin_forward)
     model.register_forward_hook(_end_forward, always_call=True)
     return model
+
+
+def planning(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where the adapters' own tensors are made: a base on the meta device (a model built without weights, e.g.
+    under `accelerate.init_empty_weights`, to plan) makes every tensor a method creates without naming a device
+    a meta tensor too, so planning a 70B materialises nothing; any other base changes nothing."""
+    return torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
 
 
 def out_of_memory(err: BaseException) -> bool:

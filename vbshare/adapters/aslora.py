@@ -154,7 +154,7 @@ class ASLoRAState(AdapterState):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             self._add_param(f"A_{self.a_key[group]}", A, "A")
         for name in targets:
-            self._add_b(self.b_key[name], targets[name][0], torch.device("cpu"), torch.get_default_dtype())
+            self._add_b(self.b_key[name], targets[name][0], None, torch.get_default_dtype())
 
         self.merges = {g: 0 for g in self.groups}
         self.num_updates = 0
@@ -166,7 +166,7 @@ class ASLoRAState(AdapterState):
         self.register_parameter(name, param)
         self.roles[name] = role
 
-    def _add_b(self, key: str, out_features: int, device: torch.device, dtype: torch.dtype) -> None:
+    def _add_b(self, key: str, out_features: int, device: torch.device | None, dtype: torch.dtype) -> None:
         r = self.config.r
         self._add_param(f"B_{key}", nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype)), "B")
         self.register_buffer(f"avg_B_{key}", torch.zeros(out_features, r, device=device, dtype=dtype))

@@ -19,6 +19,7 @@ its state (`STATE_ATTR`), `state_of(model)` and `adapters(model)`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ def derived_seed(seed: int, *parts: str) -> int:
     """A 63-bit generator seed from `seed` and names, the same in every process (SHA-256, not Python's hash)."""
     text = "/".join([str(seed), *parts]).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off for the block where it is on; nothing otherwise (torch knows no autocast for the meta
+    device, on which a model built without weights is planned)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_alpha(alpha: Any) -> None:
@@ -214,6 +223,13 @@ class LowRankAdapter(nn.Module):
         """(A (r, in), B (out, r), scale s) as used in the forward pass."""
         raise NotImplementedError
 
+    def low_rank_forward(self, x: Tensor) -> Tensor | None:
+        """The adapter's output s · B (A x) for an input x (..., in) -> (..., out), computed the method's own way
+        when that is cheaper than forming A and B (e.g. scaling activations by trained vectors instead of scaling
+        whole factors); None (the default) uses `factors()`. It must equal x ΔWᵀ: ΔW, merging and export keep
+        coming from `factors()`."""
+        return None
+
     def extra_loss(self) -> Tensor | None:
         """An extra term added to the training loss (e.g. an L1 penalty), or None."""
         return None
@@ -244,11 +260,8 @@ class LowRankAdapter(nn.Module):
     # -- derived once for every method -------------------------------------------------------------------------
     def composed_factors(self) -> tuple[Tensor, Tensor, float]:
         """`factors()` computed with autocast off, so the composition runs in the parameters' dtype."""
-        device_type = self.base_layer.weight.device.type
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: planning, no autocast
-            with torch.autocast(device_type, enabled=False):
-                return self.factors()
-        return self.factors()
+        with autocast_off(self.base_layer.weight.device.type):
+            return self.factors()
 
     def delta_weight(self) -> Tensor:
         """ΔW = s · B A, shape (out, in) — always the nn.Linear orientation, whatever the base layer stores."""
@@ -259,8 +272,12 @@ class LowRankAdapter(nn.Module):
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled or self.merged:
             return result
+        x = self.dropout(x)
+        own = self.low_rank_forward(x)
+        if own is not None:
+            return result + own.to(result.dtype)
         A, B, scale = self.composed_factors()
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
+        h = F.linear(x.to(A.dtype), A)  # (..., r)
         if h.dtype == result.dtype and result.is_contiguous():
             # one GEMM computes result + s·h Bᵀ (no separate scale, add or cast kernels)
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)

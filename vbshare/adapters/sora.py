@@ -192,10 +192,14 @@ class SoRA(LowRankAdapter):
 
     def kept(self) -> Tensor:
         """Indices of the non-zero gates (the retained rank-one components)."""
+        if self.gate.is_meta:  # planning without weights: no gate has been pruned yet
+            return torch.arange(self.gate.numel(), device="meta")
         return torch.nonzero(self.gate.detach() != 0).flatten()
 
     @property
     def retained_rank(self) -> int:
+        if self.gate.is_meta:  # planning without weights: no gate has been pruned yet
+            return self.gate.numel()
         return int((self.gate.detach() != 0).sum())
 
     @property

@@ -61,8 +61,11 @@ def balanced_assignment(entries: int, theta_length: int, seed: int) -> Tensor:
     """idx (entries,) int64: which θ entry each of the D flattened factor entries reads.
 
     Every θ entry appears ⌊D/d⌋ times; D mod d distinct entries, chosen by the seeded generator, appear once
-    more; the generator then shuffles the list.
+    more; the generator then shuffles the list. Under `torch.device("meta")` (planning without weights) only
+    the shape is made.
     """
+    if torch.get_default_device().type == "meta":
+        return torch.empty(entries, dtype=torch.long)  # (D,) shape only
     rng = np.random.default_rng(seed)
     assignment = np.repeat(np.arange(theta_length), entries // theta_length)  # (d·⌊D/d⌋,)
     leftover = entries % theta_length
@@ -75,6 +78,8 @@ def balanced_assignment(entries: int, theta_length: int, seed: int) -> Tensor:
 
 def theta_scales(assignment: Tensor, theta_length: int) -> Tensor:
     """c per θ entry (d,) float32: 1/√(entries reading it), 0 for an entry that no factor reads."""
+    if assignment.is_meta:  # planning without weights: shape only
+        return torch.empty(theta_length, device="meta")
     uses = torch.bincount(assignment.long().reshape(-1), minlength=theta_length).float()  # (d,)
     return torch.where(uses > 0, uses.clamp(min=1).rsqrt(), torch.zeros_like(uses))
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from ..checks import integer, number
-from .base import AdapterConfig, AdapterState, LowRankAdapter
+from .base import AdapterConfig, AdapterState, LowRankAdapter, autocast_off
 
 
 @dataclass
@@ -122,7 +122,7 @@ class VBLoRAState(AdapterState):
         if any(not (a.disabled or a.merged) for a in self._adapters.values()):
             # composed here, outside every layer: an activation-checkpointed layer's forward then reads the
             # factors without recording the composition, and its recompute composes its own (`VBLoRA.factors`)
-            with torch.autocast(self.bank.device.type, enabled=False):
+            with autocast_off(self.bank.device.type):
                 self._composed = self.compose_all()
             self._composed_with_grad = torch.is_grad_enabled()
 

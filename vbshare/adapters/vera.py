@@ -5,8 +5,11 @@ ONE pair of frozen random matrices serves the whole model: A (r, max_in) and B (
 max_out are the largest in / out features over the targets. A module of shape (out, in) reads the slices
 A[:, :in] and B[:out, :] and owns two vectors, λ_d (r) and λ_b (out):
     Δh = λ_b ⊙ (B_sl (λ_d ⊙ (A_sl x))),   ΔW = diag(λ_b) B_sl diag(λ_d) A_sl.
-`factors()` folds the vectors into the slices (A' = diag(λ_d) A_sl, B' = diag(λ_b) B_sl, s = 1), so forward,
-ΔW, merge and disabling come from the `LowRankAdapter` contract.
+`factors()` folds the vectors into the slices (A' = diag(λ_d) A_sl, B' = diag(λ_b) B_sl, s = 1), so ΔW, merge,
+disabling and export come from the `LowRankAdapter` contract. The forward pass (`low_rank_forward`) scales
+activations instead, x -> (x A_slᵀ) ⊙ λ_d -> (· B_slᵀ) ⊙ λ_b, as PEFT does: the scaled factors are never formed,
+and backward needs no weight-gradient products (r × in and out × r) to reach the vectors, only products of
+activations with the output gradient (tokens × r and tokens × out), which is cheaper at every batch size.
 
 The projections are drawn on the CPU from a generator seeded with `projection_seed`, A first, then B, each with
 kaiming_uniform(a=0) over the full matrix: U(−√(6/fan_in), √(6/fan_in)) with fan_in = max_in for A and r for B.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import VBShareError
@@ -103,6 +107,13 @@ class VeRA(LowRankAdapter):
         A = self.lambda_d[:, None] * self.state.projection_A[:, : self.in_features]  # (r, 1) * (r, in) -> (r, in)
         B = self.lambda_b[:, None] * self.state.projection_B[: self.out_features, :]  # (out, 1) * (out, r) -> (out, r)
         return A, B, 1.0
+
+    def low_rank_forward(self, x: Tensor) -> Tensor:
+        """λ_b ⊙ (B_sl (λ_d ⊙ (A_sl x))) for x (..., in) -> (..., out), in x's (autocast) dtype."""
+        A = self.state.projection_A[:, : self.in_features]  # (r, in)
+        B = self.state.projection_B[: self.out_features, :]  # (out, r)
+        h = F.linear(x.to(A.dtype), A) * self.lambda_d  # (..., r)
+        return F.linear(h, B) * self.lambda_b  # (..., out)
 
     def stored_parameters(self, topk_only: bool = True) -> float:
         """out + r: the module's λ_b and λ_d."""
