@@ -139,7 +139,10 @@ class TinyLoRA(LowRankAdapter):
             root = S.sqrt()  # (r,)
             A = (root[:, None] * Vh).to(device=weight.device, dtype=dtype)  # Σ^½ V_rᵀ: (r, 1) * (r, in) -> (r, in)
             B = (U * root[None, :]).to(device=weight.device, dtype=dtype)  # U_r Σ^½: (out, r) * (1, r) -> (out, r)
-        P = draw_projection(config.u, r, config.projection_seed + state.position[name])
+        if weight.is_meta:
+            P = torch.empty(config.u, r, r, device="meta")  # (u, r, r): no draw when planning
+        else:
+            P = draw_projection(config.u, r, config.projection_seed + state.position[name])
         self.register_buffer("svd_A", A.contiguous(), persistent=config.save_factors)  # (r, in)
         self.register_buffer("svd_B", B.contiguous(), persistent=config.save_factors)  # (out, r)
         self.register_buffer("projection", P.to(device=weight.device, dtype=dtype), persistent=config.save_projection)
