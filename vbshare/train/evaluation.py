@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.tasks import Encoded, Task
+from ..data.encoding import Encoded
+from ..data.examples import Task
 from ..files import atomic_write
 from . import metrics as M
 from .batches import IGNORE_INDEX, collate, forward_loss, lm_targets

@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..data.tasks import Encoded, Task
+from ..data.encoding import Encoded
+from ..data.examples import Task
 from .engine import Engine
 from .modes import RunMode
 from .settings import Settings

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..data.tasks import Encoded, Task, tokenize_task
+from ..data.encoding import Encoded, tokenize_task
+from ..data.examples import Task
 from ..errors import VBShareError
 from . import checkpoints
 from .engine import Engine
