@@ -183,7 +183,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
         keep_trained_in_fp32(model, engine.precision)
         model = mode.load_outputs(model, run_dir, check_base=check_base).to(engine.device)
         scores, rows = score_split(model, task, data[split], engine, trainer.eval_batch_size,
-                                   tokenizer.pad_token_id or 0)
+                                   tokenizer.pad_token_id or 0, tokenizer)
         is_main = engine.is_main
     finally:
         engine.end()

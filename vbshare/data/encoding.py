@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..errors import VBShareError
-from .chat import IGNORE_INDEX, encode_chat, pack
+from .chat import ASSISTANT, IGNORE_INDEX, encode_chat, pack
 from .examples import Task
 
 log = logging.getLogger(__name__)
@@ -19,12 +19,16 @@ class Encoded:
     labels: class ids / scores for classification, None for LM.
     lm_labels (LM only, optional): per-token target ids, same length as input_ids, IGNORE_INDEX (-100) where
     no loss falls (prompt tokens); the loss compares position t's prediction with lm_labels[t + 1] (the usual
-    one-position shift). None: every next token is a target (a plain token stream)."""
+    one-position shift). None: every next token is a target (a plain token stream).
+    prompts / references (generation tasks): each example's prompt ids (the sequence up to its answer, what the
+    model continues when decoding) and its reference answer text."""
 
     input_ids: list[list[int]]
     labels: list[Any] | None
     token_type_ids: list[list[int]] | None = None
     lm_labels: list[list[int]] | None = None
+    prompts: list[list[int]] | None = None
+    references: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,19 +76,54 @@ def _lm_blocks(texts: list[str], tokenizer, block: int, split: str, task: str) -
 
 
 def _instruction_examples(chats: list[list[dict[str, str]]], tokenizer, task: Task, split: str) -> Encoded:
-    """Encode, truncate to task.max_length, drop chats whose targets were cut away entirely, optionally pack."""
-    examples = []
+    """Encode, truncate to task.max_length, drop chats whose targets were cut away entirely, optionally pack.
+    A generation task cuts the prompt instead (`_generation_example`) and packs the training split only."""
+    examples, prompts, references = [], [], []
     for chat in chats:
-        ids, labels = encode_chat(chat, tokenizer, task.chat_template)
-        ids, labels = ids[:task.max_length], labels[:task.max_length]
+        if task.decoding is not None:
+            ids, labels, prompt = _generation_example(chat, tokenizer, task)
+            prompts.append(prompt)
+            references.append(chat[-1]["content"])
+        else:
+            ids, labels = encode_chat(chat, tokenizer, task.chat_template)
+            ids, labels = ids[:task.max_length], labels[:task.max_length]
         if any(label != IGNORE_INDEX for label in labels[1:]):  # position 0 is never predicted
             examples.append((ids, labels))
     if len(examples) < len(chats):
+        if task.decoding is not None:
+            raise VBShareError(f"{split} split of {task.name}: {len(chats) - len(examples)} examples have an empty "
+                               "answer; drop them from the data")
         log.warning("%s split of %s: %d of %d examples have no response token within data.max_length=%d and are "
                     "left out", split, task.name, len(chats) - len(examples), len(chats), task.max_length)
     if not examples:
         raise VBShareError(f"no {split} example of {task.name} keeps a response token within data.max_length="
                            f"{task.max_length}; raise data.max_length or shorten the prompts")
-    if task.packing:
+    if task.packing and (task.decoding is None or split == "train"):
         examples = pack(examples, task.max_length)
-    return Encoded([ids for ids, _ in examples], None, lm_labels=[labels for _, labels in examples])
+    if task.decoding is None or split == "train":
+        prompts, references = None, None
+    return Encoded([ids for ids, _ in examples], None, lm_labels=[labels for _, labels in examples],
+                   prompts=prompts, references=references)
+
+
+def _generation_example(chat: list[dict[str, str]], tokenizer, task: Task) -> tuple[list[int], list[int], list[int]]:
+    """(input ids, lm labels, prompt ids) of a chat that ends on its answer: the last user turn is cut to
+    task.max_length tokens, the answer to decoding.max_new_tokens tokens (plus its end marker), and the prompt
+    is everything before the answer (with the template's generation prompt), which decoding continues."""
+    if chat[-1]["role"] != ASSISTANT:
+        raise VBShareError(f"a generation task's chats must end on the {ASSISTANT!r} answer; one ends on "
+                           f"{chat[-1]['role']!r}")
+    chat = [dict(turn) for turn in chat]
+    last_user = max((i for i, turn in enumerate(chat) if turn["role"] != ASSISTANT), default=None)
+    if last_user is not None:
+        tokens = tokenizer(chat[last_user]["content"], add_special_tokens=False)["input_ids"]
+        if len(tokens) > task.max_length:
+            chat[last_user]["content"] = tokenizer.decode(tokens[:task.max_length])
+    ids, labels = encode_chat(chat, tokenizer, task.chat_template)
+    start = len(labels)  # the answer's first position: the start of the last run of targets
+    while start > 0 and labels[start - 1] == IGNORE_INDEX:
+        start -= 1
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    end = start + task.decoding.max_new_tokens + 1
+    return ids[:end], labels[:end], ids[:start]

@@ -54,10 +54,42 @@ class Split:
         return self.take(sorted(keep))
 
 
+GENERATION_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "chrf", "exact_match")  # vbshare.train.text_metrics
+
+
+@dataclass
+class Decoding:
+    """How a generation task is decoded and scored (vbshare.train.generation): greedy unless do_sample (then
+    seeded by `seed`), at most max_new_tokens per answer, cut at the first of the `stop` strings; `metrics`
+    are computed on every evaluated split, the first is the task's headline metric."""
+
+    metrics: tuple[str, ...] = ("rouge_l", "rouge1", "rouge2", "bleu")
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics, self.stop = tuple(self.metrics), tuple(self.stop)
+        unknown = [m for m in self.metrics if m not in GENERATION_METRICS]
+        if unknown or not self.metrics:
+            raise VBShareError(f"data.metrics={list(self.metrics)} must name at least one of: {', '.join(GENERATION_METRICS)}")
+        if self.max_new_tokens < 1:
+            raise VBShareError(f"data.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise VBShareError(f"sampling needs data.temperature > 0 and 0 < data.top_p <= 1; got {self.temperature}, "
+                               f"{self.top_p}")
+
+
 @dataclass
 class Task:
     """kind: "classification" or "lm". metric: the headline metric ("accuracy", "f1", "mcc", "pearson",
-    "perplexity"); higher is better except perplexity. num_labels: 1 means regression (GLUE STS-B)."""
+    "perplexity", or a generation metric); higher is better except perplexity. num_labels: 1 means regression
+    (GLUE STS-B). decoding: set for a generation task (instruction data whose test is the generated answer):
+    its splits are chats ending on the reference answer, the loss falls on it, and every evaluated split is
+    also decoded and scored by decoding.metrics."""
 
     name: str
     kind: str
@@ -67,6 +99,7 @@ class Task:
     max_length: int = 128
     packing: bool = False  # instruction data: several chats per sequence of max_length tokens
     chat_template: bool = True  # instruction data: render chats with the tokenizer's template when it has one
+    decoding: Decoding | None = None  # generation tasks only
 
     @property
     def num_labels(self) -> int:

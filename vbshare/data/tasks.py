@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import VBShareError
 from .bbc import load_bbc_news, stratified_split
 from .chat import ASSISTANT, IGNORE_INDEX, encode_chat, pack
 from .encoding import Encoded, tokenize_task
-from .examples import Split, Task
+from .examples import Decoding, Split, Task
 from .readers import chat_of, path_of, read_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ASSISTANT", "GLUE_TASKS", "IGNORE_INDEX", "Encoded", "Split", "Task", "bbc_lm", "bbc_news", "chat_of",
+__all__ = ["ASSISTANT", "GLUE_TASKS", "IGNORE_INDEX", "Encoded", "Split", "Task", "bbc_headlines", "bbc_lm", "bbc_news", "chat_of",
            "encode_chat", "files", "glue", "pack", "path_of", "read_table", "tokenize_task", "warn_unseen_labels"]
 
 GLUE_TASKS = {  # task -> (first text column, second text column or None, metric)
@@ -59,6 +60,33 @@ def bbc_lm(seed: int = 0, max_length: int = 256) -> Task:
     raw = load_bbc_news(seed=seed)
     splits = {name: Split(raw[name]["text"]) for name in ("train", "validation", "test")}
     return Task("bbc_lm", "lm", splits, "perplexity", [], max_length)
+
+
+def bbc_headlines(seed: int = 0, max_length: int = 256, instruction: str = "Write the headline of this news article.\n\n",
+                  max_new_tokens: int = 24, metrics: Sequence[str] = ("rouge_l", "rouge1", "rouge2", "bleu"),
+                  stop: Sequence[str] = ("\n",), do_sample: bool = False, temperature: float = 1.0,
+                  top_p: float = 1.0, decoding_seed: int = 0, chat_template: bool = True) -> Task:
+    """Headline generation on the BBC News articles (bbc_news's split, less the 17 validation / test articles whose
+    body is also in an earlier split under another headline, so no body is in two splits):
+    the prompt is `instruction` + the article body (cut to max_length tokens), the answer its first line, the
+    headline; the loss falls on the headline, the test is the generated headline scored by ROUGE-L (and
+    `metrics`). With a chat template the pair is one user / assistant exchange, else prompt then headline."""
+    raw = load_bbc_news(seed=seed)
+    splits, earlier = {}, set()  # bodies of the splits before: a few articles differ only in their headline
+    for name in ("train", "validation", "test"):
+        chats, bodies = [], set()
+        for article in raw[name]["text"]:
+            headline, _, body = article.partition("\n")
+            if body.strip() in earlier:  # the same body in two splits would leak its headline
+                continue
+            bodies.add(body.strip())
+            chats.append([{"role": "user", "content": instruction + body.strip()},
+                          {"role": ASSISTANT, "content": headline.strip()}])
+        earlier |= bodies
+        splits[name] = Split(messages=chats)
+    decoding = Decoding(tuple(metrics), max_new_tokens, tuple(stop), do_sample, temperature, top_p, decoding_seed)
+    return Task("bbc_headlines", "lm", splits, decoding.metrics[0], [], max_length,
+                chat_template=chat_template, decoding=decoding)
 
 
 def glue(task: str, max_length: int = 128) -> Task:

@@ -1,4 +1,5 @@
-"""Evaluation metrics computed from plain lists (no `evaluate` package needed)."""
+"""Evaluation metrics computed from plain lists (no `evaluate` package needed); generated text is scored by
+vbshare.train.text_metrics."""
 from __future__ import annotations
 
 import math
@@ -66,5 +67,11 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return float(math.exp(total_nll / max(tokens, 1)))
 
 
+LOWER_IS_BETTER = ("perplexity", "loss", "forgetting_loss_change")  # every other metric is better when higher:
+# accuracy, F1s, MCC, correlations, and the generation scores of vbshare.train.text_metrics (ROUGE, BLEU, chrF,
+# exact match)
+
+
 def higher_is_better(metric: str) -> bool:
-    return metric not in ("perplexity", "loss")
+    """The direction each metric declares: False for those in LOWER_IS_BETTER, True for the others."""
+    return metric not in LOWER_IS_BETTER

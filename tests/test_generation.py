@@ -1,0 +1,204 @@
+"""Generation-scored tasks: text metrics against hand-computed values and the reference libraries, GSM8K answer
+extraction on hand-made answers, decoding (left padding, stop strings, merged == unmerged adapters), the
+bbc_headlines task's encoding, and the report's per-example test on generated text."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+import vbshare
+from vbshare.assets import minilm_dir
+from vbshare.data.chat import IGNORE_INDEX
+from vbshare.data.encoding import tokenize_task
+from vbshare.data.examples import Decoding, Split, Task
+from vbshare.errors import VBShareError
+from vbshare.train import text_metrics as T
+from vbshare.train.generation import cut_at_stop, generate_batch, left_padded
+from vbshare.train.metrics import higher_is_better
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+def test_rouge_matches_hand_counts_and_the_library():
+    # reference "the cat sat on the mat" (6 tokens), prediction "the cat lay on the mat" (6): 5 shared unigrams,
+    # 3 shared bigrams (the cat, on the, the mat), LCS 5 (the cat on the mat) -> F = 2PR/(P+R) with P = R
+    rows = T.per_example_scores(["the cat lay on the mat"], ["the cat sat on the mat"], ("rouge1", "rouge2", "rouge_l"))
+    assert rows[0]["rouge1"] == pytest.approx(5 / 6)
+    assert rows[0]["rouge2"] == pytest.approx(3 / 5)
+    assert rows[0]["rouge_l"] == pytest.approx(5 / 6)
+    from rouge_score import rouge_scorer
+
+    pairs = [("Police arrest man after city centre stabbing", "Man held over stabbing in city centre"),
+             ("Stocks fall", "Shares rise sharply in early trading")]
+    rows = T.per_example_scores([p for _, p in pairs], [r for r, _ in pairs], ("rouge_l",))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert [r["rouge_l"] for r in rows] == [scorer.score(r, p)["rougeL"].fmeasure for r, p in pairs]
+    assert T.corpus_scores([p for _, p in pairs], [r for r, _ in pairs], rows, ("rouge_l",))["rouge_l"] == \
+        pytest.approx((rows[0]["rouge_l"] + rows[1]["rouge_l"]) / 2)
+
+
+def test_bleu_and_chrf_are_sacrebleus():
+    import sacrebleu
+
+    predictions = ["the cat is on the mat", "a quick brown fox jumps", "completely different"]
+    references = ["the cat sat on the mat", "the quick brown fox jumps over", "nothing in common here"]
+    rows = T.per_example_scores(predictions, references, ("bleu", "chrf"))
+    corpus = T.corpus_scores(predictions, references, rows, ("bleu", "chrf"))
+    assert corpus["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    assert corpus["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score)
+    assert rows[1]["bleu"] == pytest.approx(sacrebleu.sentence_bleu(predictions[1], [references[1]]).score)
+    assert T.per_example_scores(["same words here"], ["same words here"], ("bleu", "chrf"))[0] == \
+        {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+
+
+@pytest.mark.parametrize("text, number", [
+    ("She has 3 apples and buys 39 more, so the answer is 42.", Decimal(42)),
+    ("Janet sells the eggs.\n#### 1,000", Decimal(1000)),
+    ("The temperature drops 8 degrees to -3.5", Decimal("-3.5")),
+    ("The answer is: 20/8", Decimal("2.5")),
+    ("#### -7\n\nQuestion: what about 5?", Decimal(-7)),  # the marker wins over a later number
+    ("It costs $1,234.50.", Decimal("1234.50")),
+    ("I do not know.", None),
+])
+def test_numeric_answer_extraction(text, number):
+    assert T.extract_number(text) == number
+
+
+def test_exact_match_compares_numbers_not_strings():
+    assert T.exact_match("so the answer is 1000.", "#### 1,000")
+    assert T.exact_match("The answer is: 2.50", "#### 2.5")
+    assert not T.exact_match("no idea", "#### 3")
+    assert not T.exact_match("the answer is 4", "#### -4")
+    row = T.per_example_scores(["... so the answer is 42."], ["#### 42"], ("exact_match",))[0]
+    assert row == {"exact_match": 1.0}
+
+
+def test_every_generation_metric_is_better_when_higher():
+    assert all(higher_is_better(m) for m in T.TEXT_METRICS + T.MATH_METRICS)
+    assert not higher_is_better("perplexity") and not higher_is_better("loss")
+
+
+def test_decoding_refuses_unknown_metrics():
+    with pytest.raises(VBShareError, match="data.metrics"):
+        Decoding(metrics=("meteor",))
+
+
+# -- decoding -------------------------------------------------------------------------------------------------------
+def test_left_padding_and_stop_strings():
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_stop(" Headline here\nmore text", ("\n",)) == "Headline here"
+    assert cut_at_stop("a. Question: b", ("Question:", ".")) == "a"
+    assert cut_at_stop("no stop", ()) == "no stop"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A 2-layer random Llama over MiniLM's tokenizer (no files beyond the packaged tokenizer)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_greedy_text_is_the_same_merged_and_unmerged_and_batched(tiny_lm):
+    model, tokenizer = tiny_lm
+    vbshare.inject(model, "lora", r=4)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for param in model.parameters():
+            if param.requires_grad:  # LoRA's B starts at zero: give the adapter a real update
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    prompts = [tokenizer("the news today", add_special_tokens=False)["input_ids"],
+               tokenizer("a much longer prompt about the markets and the weather", add_special_tokens=False)["input_ids"]]
+    decoding = Decoding(metrics=("rouge_l",), max_new_tokens=8)
+    unmerged = generate_batch(model, tokenizer, prompts, decoding, seed=0, device="cpu")
+    one_by_one = [generate_batch(model, tokenizer, [p], decoding, seed=0, device="cpu")[0] for p in prompts]
+    vbshare.merge(model)
+    merged = generate_batch(model, tokenizer, prompts, decoding, seed=0, device="cpu")
+    vbshare.unmerge(model)
+    assert unmerged == merged == one_by_one  # left padding changes nothing
+    with vbshare.disabled(model):
+        assert generate_batch(model, tokenizer, prompts, decoding, seed=0, device="cpu") != unmerged
+    sampled = Decoding(metrics=("rouge_l",), max_new_tokens=8, do_sample=True, seed=3)
+    state = torch.get_rng_state()
+    first = generate_batch(model, tokenizer, prompts, sampled, seed=3, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # sampling leaves the caller's RNG alone
+    assert generate_batch(model, tokenizer, prompts, sampled, seed=3, device="cpu") == first
+
+
+# -- tasks ----------------------------------------------------------------------------------------------------------
+def test_bbc_headlines_splits_like_bbc_news_and_targets_the_headline():
+    from vbshare.data.tasks import bbc_headlines, bbc_news
+
+    task, news = bbc_headlines(), bbc_news()
+    assert task.metric == "rouge_l" and task.decoding is not None
+    for name in ("train", "validation", "test"):
+        assert len(news.splits[name]) - 10 <= len(task.splits[name]) <= len(news.splits[name])
+        chat = task.splits[name].messages[0]
+        assert news.splits[name].text[0].startswith(chat[1]["content"])  # the headline is the article's first line
+        assert chat[1]["content"] not in chat[0]["content"].split("\n\n", 1)[1][:len(chat[1]["content"])]
+    bodies = {name: {c[0]["content"] for c in task.splits[name].messages} for name in task.splits}
+    assert not (bodies["train"] & bodies["test"]) and not (bodies["train"] & bodies["validation"])
+
+
+def test_generation_encoding_cuts_the_prompt_and_keeps_the_answer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))  # no chat template, no BOS: prompt, answer, EOS
+    tokenizer.eos_token = tokenizer.sep_token
+    long_prompt = " ".join(["word"] * 50)
+    chats = [[{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "short answer"}]] * 3
+    task = Task("t", "lm", {"train": Split(messages=chats), "test": Split(messages=chats)}, "rouge_l", [], max_length=10,
+                decoding=Decoding(metrics=("rouge_l",), max_new_tokens=5))
+    encoded = tokenize_task(task, tokenizer)
+    test = encoded["test"]
+    prompt = test.prompts[0]
+    assert prompt == [tokenizer.convert_tokens_to_ids("word")] * 10
+    answer = tokenizer("short answer", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    assert test.input_ids[0] == prompt + answer
+    assert test.lm_labels[0] == [IGNORE_INDEX] * len(prompt) + answer
+    assert test.references == ["short answer"] * 3 and encoded["train"].prompts is None
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+def test_report_pairs_generated_text_by_its_score(tmp_path):
+    from vbshare.report import examples_vs_control, paired_examples
+
+    scores_a, scores_b = [0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.85], [0.5, 0.4, 0.71, 0.3, 0.2, 0.1, 0.0]
+    for name, scores in (("a", scores_a), ("b", scores_b)):
+        (tmp_path / name).mkdir()
+        rows = [{"index": i, "prompt": "p", "prediction": "x", "reference": "y", "rouge_l": s, "score": s,
+                 "loss": 1.0, "tokens": 3} for i, s in enumerate(scores)]
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = examples_vs_control(paired_examples({0: tmp_path / "a"}, {0: tmp_path / "b"}))
+    assert result["examples_better"] == 6 and result["examples_worse"] == 1
+    assert result["p_examples_vs_control"] == pytest.approx(stats.wilcoxon(scores_a, scores_b).pvalue)
+    assert not math.isnan(result["p_examples_vs_control"])
+
+
+@pytest.mark.slow
+def test_two_processes_decode_what_one_does(tmp_path):
+    """Each of 2 CPU processes decodes its share; rank 0's gathered answers equal one process's."""
+    script = ROOT / "tests" / "generation_ddp_script.py"
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port",
+                   str(29517 + processes), str(script), str(out)] if processes > 1 else [sys.executable, str(script), str(out)]
+        subprocess.run(command, check=True, cwd=ROOT, timeout=300, capture_output=True)
+        outputs[processes] = json.loads(out.read_text())
+    assert outputs[1] == outputs[2] and len(outputs[1]) == 5
