@@ -202,3 +202,79 @@ def test_two_processes_decode_what_one_does(tmp_path):
         subprocess.run(command, check=True, cwd=ROOT, timeout=300, capture_output=True)
         outputs[processes] = json.loads(out.read_text())
     assert outputs[1] == outputs[2] and len(outputs[1]) == 5
+
+
+# -- presets on tiny local files of the same format (the real loader; only the source differs) -------------------
+@pytest.fixture
+def offline(monkeypatch):
+    """No network for `datasets` / the Hub in this test."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_metamath_gsm8k_preset_on_local_files(tmp_path, offline):
+    from vbshare.data.hub import PEFT_MATH_PROMPT, metamath_gsm8k
+
+    write_jsonl(tmp_path / "metamath" / "train.jsonl",
+                [{"query": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. The answer is: {i + 1}", "type": "GSM_AnsAug"}
+                 for i in range(6)])
+    gsm = [{"question": f"Tom has {i} pens and buys 2. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+           for i in range(5)]
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", gsm)
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", gsm[:3])
+    task = metamath_gsm8k(str(tmp_path / "metamath"), str(tmp_path / "gsm8k"), gsm8k_subset=None, validation_size=2)
+    assert task.metric == "exact_match" and task.decoding.max_new_tokens == 300 and not task.chat_template
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [6, 2, 3]
+    first = task.splits["test"].messages[0]
+    assert first[0]["content"] == PEFT_MATH_PROMPT.format(query=gsm[0]["question"])
+    assert T.extract_number(first[1]["content"]) == 2
+
+
+def test_e2e_alpaca_and_hf_presets_on_local_files(tmp_path, offline):
+    from vbshare.data.hub import alpaca, e2e_nlg, hf
+
+    mr = [{"meaning_representation": f"name[Place {i}], food[Thai]", "human_reference": f"Place {i} serves Thai food."}
+          for i in range(4)]
+    for split in ("train", "validation", "test"):
+        write_jsonl(tmp_path / "e2e" / f"{split}.jsonl", mr)
+    task = e2e_nlg(str(tmp_path / "e2e"))
+    assert task.metric == "bleu" and task.splits["test"].messages[1] == [
+        {"role": "user", "content": "name[Place 1], food[Thai]\n"}, {"role": "assistant", "content": "Place 1 serves Thai food."}]
+
+    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {i}.", "input": "loud" if i % 2 else "",
+                                             "output": f"{i}!"} for i in range(7)])
+    task = alpaca(str(tmp_path / "alpaca.jsonl"), held_out=2)
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [3, 2, 2] and task.metric == "rouge_l"
+    prompts = {c[0]["content"] for s in task.splits.values() for c in s.messages}
+    assert "Say 1.\n\nloud" in prompts and "Say 0." in prompts
+
+    rows = [{"sentence": f"text {i}", "label": i % 2, "q": f"q{i}", "a": f"a{i}"} for i in range(10)]
+    write_jsonl(tmp_path / "mine" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "mine" / "test.jsonl", rows[:3])
+    gen = hf(str(tmp_path / "mine"), prompt_template="Q: {q}\nA:", response_column="a")
+    assert gen.decoding is not None and len(gen.splits["test"]) == 3 and len(gen.splits["validation"]) == 1
+    assert gen.splits["test"].messages[0][0]["content"] == "Q: q0\nA:"
+    cls = hf(str(tmp_path / "mine"), kind="classification", text_column="sentence")
+    assert cls.label_names == ["0", "1"] and cls.splits["test"].label == [0, 1, 0]
+    lm = hf(str(tmp_path / "mine"), kind="lm", text_column="sentence")
+    assert lm.metric == "perplexity" and lm.splits["test"].text == ["text 0", "text 1", "text 2"]
+    with pytest.raises(VBShareError, match="column 'nope'"):
+        hf(str(tmp_path / "mine"), kind="lm", text_column="nope")
+
+
+def test_a_hub_dataset_offline_without_a_cache_fails_in_one_line(offline):
+    from vbshare.data.hub import load_table
+
+    with pytest.raises(VBShareError) as err:
+        load_table("vbshare-tests/no-such-dataset", None, "train")
+    assert "needs internet or a local datasets cache" in str(err.value) and "\n" not in str(err.value)
