@@ -109,7 +109,7 @@ def tiny_lm():
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config).eval(), tokenizer
 
@@ -278,3 +278,33 @@ def test_a_hub_dataset_offline_without_a_cache_fails_in_one_line(offline):
     with pytest.raises(VBShareError) as err:
         load_table("vbshare-tests/no-such-dataset", None, "train")
     assert "needs internet or a local datasets cache" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_forgetting_is_the_general_text_loss_without_and_with_the_adapter(tiny_lm, monkeypatch):
+    from types import SimpleNamespace
+
+    from vbshare.train import forgetting as F
+    from vbshare.train.engine import Engine
+
+    model, tokenizer = tiny_lm
+    monkeypatch.setattr(F, "FORGETTING_BLOCKS", 2)
+    if vbshare.state_of(model, required=False) is None:
+        vbshare.inject(model, "lora", r=4)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    engine = Engine(SimpleNamespace(precision="fp32", strategy="ddp", device="cpu", compile=False))
+    run = SimpleNamespace(task=Task("t", "lm", {}, "rouge_l"), tokenizer=tokenizer, model=model, engine=engine, pad_id=0,
+                          step=5, settings=SimpleNamespace(trainer=SimpleNamespace(forgetting_eval=True, eval_batch_size=4)))
+    record = F.forgetting(run, F.loss_before(run))
+    text = "\n".join(F.general_text_task().splits["test"].text)  # independent: transformers' own loss per block
+    stream = tokenizer(text[:20000], add_special_tokens=False)["input_ids"]
+    blocks = torch.tensor([stream[i * 256:(i + 1) * 256] for i in range(2)])  # (2, 256)
+    with torch.no_grad():
+        after = model(input_ids=blocks, labels=blocks).loss.item()
+        with vbshare.disabled(model):
+            before = model(input_ids=blocks, labels=blocks).loss.item()
+    assert record["loss_after"] == pytest.approx(after, rel=1e-4)
+    assert record["loss_before"] == pytest.approx(before, rel=1e-4)
+    assert record["loss_change"] == pytest.approx(after - before, rel=1e-3)

@@ -67,7 +67,7 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return float(math.exp(total_nll / max(tokens, 1)))
 
 
-LOWER_IS_BETTER = ("perplexity", "loss", "forgetting_loss_change")  # every other metric is better when higher:
+LOWER_IS_BETTER = ("perplexity", "loss")  # every other metric is better when higher:
 # accuracy, F1s, MCC, correlations, and the generation scores of vbshare.train.text_metrics (ROUGE, BLEU, chrF,
 # exact match)
 

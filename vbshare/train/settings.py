@@ -211,6 +211,7 @@ class TrainerSettings:
     eval_batch_size: int = setting(positive)
     eval_every: int = setting(positive)
     eval_test: bool = setting(boolean)
+    forgetting_eval: bool | None = setting(boolean, optional=True)  # absent: false
     log_every: int = setting(positive)
     checkpoint_every: int | None = setting(positive_or_null)
     snapshot_every: int | None = setting(positive_or_null)
