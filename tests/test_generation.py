@@ -308,3 +308,33 @@ def test_forgetting_is_the_general_text_loss_without_and_with_the_adapter(tiny_l
     assert record["loss_after"] == pytest.approx(after, rel=1e-4)
     assert record["loss_before"] == pytest.approx(before, rel=1e-4)
     assert record["loss_change"] == pytest.approx(after - before, rel=1e-3)
+
+
+def test_the_peft_metamath_experiment_composes():
+    from hydra import compose, initialize_config_dir
+
+    from vbshare.train.settings import read_settings
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=peft_metamath", "+adapter=lora", "adapter.lr=1.0e-4"])
+    assert cfg.model.loader._target_ == "vbshare.models.hf" and cfg.model.loader.name == "meta-llama/Llama-3.2-3B"
+    assert cfg.data._target_ == "vbshare.data.hub.metamath_gsm8k" and cfg.data.max_new_tokens == 300
+    assert (cfg.model.dtype, cfg.trainer.precision, cfg.trainer.batch_size, cfg.trainer.max_steps) == ("bf16", "bf16", 4, 5000)
+    settings = read_settings(cfg)
+    assert settings.optim.schedule == "cosine" and cfg.adapter.lr == 1.0e-4
+
+
+def test_cosine_schedule_is_transformers():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from vbshare.train.loop import lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    theirs = []
+    for _ in range(100):
+        optimizer.step()
+        schedule.step()
+        theirs.append(schedule.get_last_lr()[0])
+    ours = [lr_factor(step, 100, 0.1, "cosine") for step in range(1, 101)]
+    assert ours[9:] == pytest.approx(theirs[9:], abs=1e-9)  # after the warmup (theirs counts it from 0 / 10)

@@ -239,6 +239,7 @@ class OptimSettings:
     weight_decay: float | dict[str, float] = setting(rates)
     full_finetune_lr: float = setting(partial(number, low=0))
     warmup_ratio: float = setting(partial(number, low=0, high=1))
+    schedule: str | None = setting(partial(choice, options=("linear", "cosine")), optional=True)  # absent: linear
     grad_clip: float | None = setting(partial(number, low=0, low_open=True, null=True))
 
 
