@@ -338,3 +338,33 @@ def test_cosine_schedule_is_transformers():
         theirs.append(schedule.get_last_lr()[0])
     ours = [lr_factor(step, 100, 0.1, "cosine") for step in range(1, 101)]
     assert ours[9:] == pytest.approx(theirs[9:], abs=1e-9)  # after the warmup (theirs counts it from 0 / 10)
+
+
+@pytest.mark.slow
+@pytest.mark.decoder
+def test_bbc_headlines_with_smollm2_end_to_end(tmp_path):
+    """The training app on data=bbc_headlines: summary.json has test ROUGE-L, predictions.jsonl one decoded
+    headline per test example whose mean ROUGE-L is the summary's, and the report pairs two such runs."""
+    from hydra import compose, initialize_config_dir
+
+    from vbshare.report import examples_vs_control, paired_examples
+    from vbshare.train.app import run_training
+
+    overrides = ["+adapter=lora", "model=smollm2_135m", "data=bbc_headlines", "trainer=debug", "data.max_length=24",
+                 "data.max_new_tokens=4", "trainer.max_examples=2", "trainer.max_steps=1", "trainer.batch_size=2",
+                 "trainer.eval_every=1", "trainer.forgetting_eval=false"]
+    summaries = {}
+    for seed in (0, 1):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, f"seed={seed}"])
+        summaries[seed] = run_training(cfg, tmp_path / str(seed), [*overrides, f"seed={seed}"])
+    test = summaries[0]["final"]["test"]
+    assert summaries[0]["metric"] == "rouge_l" and {"rouge_l", "rouge1", "rouge2", "bleu", "perplexity"} <= set(test)
+    rows = [json.loads(line) for line in (tmp_path / "0" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    for row in rows:
+        assert {"prompt", "prediction", "reference", "rouge_l", "score", "loss", "tokens"} <= set(row)
+        assert row["rouge_l"] == T.per_example_scores([row["prediction"]], [row["reference"]], ("rouge_l",))[0]["rouge_l"]
+    assert test["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in rows) / len(rows))
+    pairs = paired_examples({0: tmp_path / "0"}, {0: tmp_path / "1"})
+    assert "score" in pairs and examples_vs_control(pairs)["examples_paired"] == 2
