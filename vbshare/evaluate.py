@@ -177,7 +177,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
             set_threads(trainer.num_threads)
         task, model, tokenizer, data = rebuild_trained(cfg, run_dir, engine, check_base, split)
         scores, rows = score_split(model, task, data[split], engine, trainer.eval_batch_size,
-                                   tokenizer.pad_token_id or 0)
+                                   tokenizer.pad_token_id or 0, tokenizer)
         is_main = engine.is_main
     finally:
         engine.end()

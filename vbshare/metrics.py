@@ -1,5 +1,6 @@
 """Evaluation metrics computed from plain lists (no `evaluate` package needed), and which way each is better.
-Numpy only: the training app scores with it, vbshare.report and vbshare.compare rank with it."""
+Numpy only: the training app scores with it, vbshare.report and vbshare.compare rank with it; generated text is
+scored by vbshare.train.text_metrics."""
 from __future__ import annotations
 
 import math
@@ -67,5 +68,11 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return float(math.exp(total_nll / max(tokens, 1)))
 
 
+LOWER_IS_BETTER = ("perplexity", "loss")  # every other metric is better when higher:
+# accuracy, F1s, MCC, correlations, and the generation scores of vbshare.train.text_metrics (ROUGE, BLEU, chrF,
+# exact match)
+
+
 def higher_is_better(metric: str) -> bool:
-    return metric not in ("perplexity", "loss")
+    """The direction each metric declares: False for those in LOWER_IS_BETTER, True for the others."""
+    return metric not in LOWER_IS_BETTER

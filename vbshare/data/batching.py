@@ -12,7 +12,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .tasks import IGNORE_INDEX, Encoded, Task, tokenize_task
+from .chat import IGNORE_INDEX
+from .encoding import Encoded, tokenize_task
+from .examples import Task
 
 
 def collate(split: Encoded, indices: list[int] | Tensor | range, pad_id: int, device: torch.device | str) -> dict[str, Tensor]:

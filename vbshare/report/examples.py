@@ -36,7 +36,7 @@ def read_predictions(run_dir: str | Path) -> pd.DataFrame | None:
     if frame["index"].duplicated().any():
         raise VBShareError(f"{path} lists example {frame.loc[frame['index'].duplicated(), 'index'].iloc[0]} twice, "
                            "so vbshare.train did not write it; remove it to leave this run out of the per-example test")
-    keep = [c for c in ("index", "label", "correct", "loss", "tokens") if c in frame]
+    keep = [c for c in ("index", "label", "correct", "score", "loss", "tokens") if c in frame]
     return frame[keep].set_index("index").sort_index()
 
 
@@ -73,12 +73,14 @@ def paired_examples(runs: dict[Any, str | Path], control: dict[Any, str | Path],
         keep = ["loss", "loss_control"]
         if "correct" in mine and "correct" in theirs:
             keep += ["correct", "correct_control"]
+        elif "score" in mine and "score" in theirs:  # generation: the headline metric per example (higher is better)
+            keep += ["score", "score_control"]
         pairs.append(joined[keep].rename_axis("index").reset_index().assign(seed=seed))
     columns = ["seed", "index", "loss", "loss_control"]
     if not pairs:
         return pd.DataFrame(columns=columns)
     table = pd.concat(pairs, ignore_index=True)
-    return table[columns + [c for c in ("correct", "correct_control") if c in table]]
+    return table[columns + [c for c in ("correct", "correct_control", "score", "score_control") if c in table]]
 
 
 def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
@@ -88,9 +90,10 @@ def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
 
     Classifiers (correct in both): an example is better when this configuration is right on more of the seeds
     than the control, worse in the reverse case; the exact two-sided sign test on those counts (McNemar's exact
-    test when there is one seed). Otherwise: the per-example mean losses, better when lower, and the Wilcoxon
-    signed-rank test over the examples. The test covers which examples were drawn, not the training seeds' spread
-    (p_vs_control covers that). Returns examples_test, examples_paired (distinct examples), examples_better,
+    test when there is one seed); a generation task scored by exact match has `correct` too. Generated text scored
+    otherwise (a `score` per example, e.g. ROUGE-L): better when higher, the Wilcoxon signed-rank test over the
+    examples. Otherwise: the per-example mean losses, better when lower, and the Wilcoxon signed-rank test. The
+    test covers which examples were drawn, not the training seeds' spread (p_vs_control covers that). Returns examples_test, examples_paired (distinct examples), examples_better,
     examples_worse and p_examples_vs_control; every value None / NaN when nothing pairs."""
     if pairs.empty:
         return {"examples_test": None, "examples_paired": None, "examples_better": None, "examples_worse": None,
@@ -100,6 +103,10 @@ def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
         lead = (per_example["correct"] - per_example["correct_control"]).to_numpy(float)  # (examples,) in [-1, 1]
         better, worse = int((lead > 0).sum()), int((lead < 0).sum())
         test, p = MCNEMAR, mcnemar_p(better, worse)
+    elif "score" in per_example:  # generated text: the headline metric per example (e.g. ROUGE-L), higher is better
+        score, control = per_example["score"].to_numpy(float), per_example["score_control"].to_numpy(float)  # (examples,)
+        better, worse = int((score > control).sum()), int((score < control).sum())
+        test, p = WILCOXON, wilcoxon_p(score, control)
     else:
         loss, control = per_example["loss"].to_numpy(float), per_example["loss_control"].to_numpy(float)  # (examples,)
         better, worse = int((loss < control).sum()), int((loss > control).sum())

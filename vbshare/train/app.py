@@ -44,6 +44,7 @@ from ..errors import VBShareError, WriteError
 from ..rundir import RunDir
 from . import checkpoints, folders, interrupt
 from .loop import Diverged, train
+from .forgetting import loss_before
 from .outputs import save_outputs
 from .setup import setup
 from .sparsify import sparsify_stages
@@ -106,6 +107,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float, overrides: list[str] 
         run.logger_id = run.logger.start(run.run_dir, OmegaConf.to_container(cfg, resolve=True), run.logger_id)
         try:
             stages = sparsify_stages(run)  # trainer.sparsify: checked before the first step, run after the last
+            run.forgetting_before = loss_before(run)  # trainer.forgetting_eval without an adapter to switch off
             if not train(run):
                 return None
             if stages is not None:

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batching import collate
-from ..data.tasks import IGNORE_INDEX, Encoded, Task
+from ..data.chat import IGNORE_INDEX
+from ..data.encoding import Encoded
+from ..data.examples import Task
 
 __all__ = ["IGNORE_INDEX", "batch_indices", "collate", "count_targets", "forward_loss", "lm_targets",
            "shard_micro_batches"]

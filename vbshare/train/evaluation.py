@@ -16,10 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.tasks import Encoded, Task
+from ..data.encoding import Encoded
+from ..data.examples import Task
 from ..files import atomic_write
 from .. import metrics as M
+from ..errors import VBShareError
+from . import text_metrics
 from .batches import IGNORE_INDEX, collate, forward_loss, lm_targets
+from .generation import generate_split
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -28,11 +32,13 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def score_split(model: nn.Module, task: Task, data: Encoded, engine: "Engine", batch_size: int,
-                pad_id: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                pad_id: int, tokenizer: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The task's metrics on one tokenised split, and one row per example (see `prediction_rows`).
 
     Metrics: perplexity and mean loss (nats per target token) for a language model; accuracy, F1s, MCC or
-    correlations for classification (metrics.classification_metrics). `batch_size` is per process."""
+    correlations for classification (metrics.classification_metrics); a generation task (task.decoding) adds
+    the scores of the decoded answers (`score_generation`, which needs the tokenizer). `batch_size` is per
+    process."""
     was_training = model.training
     model.eval()
     processes, me = engine.num_processes, engine.process_index
@@ -63,7 +69,34 @@ def score_split(model: nn.Module, task: Task, data: Encoded, engine: "Engine", b
     else:
         outputs = np.asarray([values for _, values in rows], dtype=np.float32)  # (N, C)
         scores = M.classification_metrics(outputs, np.asarray(data.labels), task.num_labels)
-    return scores, prediction_rows(task, data, rows)
+    predictions = prediction_rows(task, data, rows)
+    if task.decoding is not None and data.prompts is not None:
+        if tokenizer is None:
+            raise VBShareError("scoring a generation task decodes answers and needs the tokenizer")
+        generated, per_example = score_generation(model, tokenizer, task, data, engine, batch_size)
+        scores.update(generated)
+        for row, extra in zip(predictions, per_example):
+            row.update(extra)
+    return scores, predictions
+
+
+def score_generation(model: nn.Module, tokenizer: Any, task: Task, data: Encoded, engine: "Engine",
+                     batch_size: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Decode the split's prompts (vbshare.train.generation) and score the answers against the references:
+    the split's {metric: value} of task.decoding.metrics, and per example {prompt, prediction, reference, each
+    metric's value, score (the headline metric's value; higher is better), correct (exact match only)}."""
+    decoding = task.decoding
+    answers = generate_split(model, tokenizer, data, decoding, engine, batch_size)
+    per_example = text_metrics.per_example_scores(answers, data.references, decoding.metrics)
+    scores = text_metrics.corpus_scores(answers, data.references, per_example, decoding.metrics)
+    rows = []
+    for prompt, answer, reference, values in zip(data.prompts, answers, data.references, per_example):
+        row = {"prompt": tokenizer.decode(prompt), "prediction": answer, "reference": reference, **values,
+               "score": values[task.metric]}
+        if task.metric == "exact_match":
+            row["correct"] = bool(values["exact_match"])
+        rows.append(row)
+    return scores, rows
 
 
 def prediction_rows(task: Task, data: Encoded, rows: list[tuple[int, Any]]) -> list[dict[str, Any]]:
@@ -93,7 +126,8 @@ def evaluate(run: "Run", split: str) -> dict[str, float]:
 
 
 def evaluate_with_predictions(run: "Run", split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    return score_split(run.model, run.task, run.data[split], run.engine, run.settings.trainer.eval_batch_size, run.pad_id)
+    return score_split(run.model, run.task, run.data[split], run.engine, run.settings.trainer.eval_batch_size, run.pad_id,
+                       run.tokenizer)
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:

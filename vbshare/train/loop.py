@@ -51,12 +51,16 @@ class Diverged(VBShareError):
         return cls.LINE.search(line) is not None
 
 
-def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
-    """Linear warmup over the first warmup_ratio · max_steps steps, then linear decay to 0 (step from 0)."""
+def lr_factor(step: int, max_steps: int, warmup_ratio: float, schedule: str | None = "linear") -> float:
+    """Linear warmup over the first warmup_ratio · max_steps steps, then decay to 0 (step from 0): linear, or
+    along a half cosine (`schedule="cosine"`, as transformers' get_cosine_schedule_with_warmup)."""
     warmup = int(round(warmup_ratio * max_steps))
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+    remaining = max(0.0, (max_steps - step) / max(1, max_steps - warmup))  # 1 -> 0 after the warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (1.0 - remaining)))
+    return remaining
 
 
 def micro_losses(run: "Run", step: int) -> list[MicroLoss]:
@@ -146,7 +150,7 @@ def train(run: "Run") -> bool:
                dynamic_ncols=True, unit="step")
     started, steps_here = time.perf_counter(), 0
     while run.step < t.max_steps:
-        set_lr(run, lr_factor(run.step, t.max_steps, run.settings.optim.warmup_ratio))
+        set_lr(run, lr_factor(run.step, t.max_steps, run.settings.optim.warmup_ratio, run.settings.optim.schedule))
         stats = take_step(run)
         steps_here += 1
 

@@ -15,6 +15,7 @@ from ..checks import refuse_nonfinite
 from ..files import append_text, atomic_write
 from ..rundir import RunDir
 from .evaluation import evaluate, evaluate_with_predictions, format_scores, write_predictions
+from .forgetting import forgetting
 
 if TYPE_CHECKING:
     from .run import Run
@@ -62,6 +63,7 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
     trained = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
     refuse_nonfinite(trained, f"the results of {run.run_dir}")  # every process: their tensors are identical
     final, predictions = final_scores(run)
+    forgot = forgetting(run, run.forgetting_before)  # trainer.forgetting_eval (every process takes part)
     if not run.is_main:
         return None
     if predictions is not None:
@@ -94,6 +96,8 @@ def save_outputs(run: "Run") -> dict[str, Any] | None:
         "grad_accum_steps": run.settings.trainer.grad_accum_steps,
         "skipped_steps": run.skipped_steps,  # updates dropped for a non-finite loss or gradient (trainer.nonfinite)
     }
+    if forgot is not None:  # general-text LM loss before / after training (vbshare.train.forgetting)
+        summary["forgetting"] = forgot
     if run.sparsify is not None:  # trainer.sparsify: one line of numbers per stage (the method's stage file has more)
         summary["sparsify"] = run.sparsify
     if engine.distributed:

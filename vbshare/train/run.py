@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..data.tasks import Encoded, Task
+from ..data.encoding import Encoded
+from ..data.examples import Task
 from .engine import Engine
 from .modes import RunMode
 from .settings import Settings
@@ -41,6 +42,7 @@ class Run:
     logger_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_diff: float | None = None  # data parallel: largest trained-value difference between processes at the end
+    forgetting_before: float | None = None  # trainer.forgetting_eval with full fine-tuning: general-text loss at step 0
     sparsify: dict[str, Any] | None = None  # trainer.sparsify: the stage records' numbers, for the summary
 
     def wall_seconds(self) -> float:

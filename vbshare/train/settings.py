@@ -211,6 +211,7 @@ class TrainerSettings:
     eval_batch_size: int = setting(positive)
     eval_every: int = setting(positive)
     eval_test: bool = setting(boolean)
+    forgetting_eval: bool | None = setting(boolean, optional=True)  # absent: false
     log_every: int = setting(positive)
     checkpoint_every: int | None = setting(positive_or_null)
     snapshot_every: int | None = setting(positive_or_null)
@@ -238,6 +239,7 @@ class OptimSettings:
     weight_decay: float | dict[str, float] = setting(rates)
     full_finetune_lr: float = setting(partial(number, low=0))
     warmup_ratio: float = setting(partial(number, low=0, high=1))
+    schedule: str | None = setting(partial(choice, options=("linear", "cosine")), optional=True)  # absent: linear
     grad_clip: float | None = setting(partial(number, low=0, low_open=True, null=True))
 
 

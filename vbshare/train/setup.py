@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..data.tasks import Encoded, Task, tokenize_task
+from ..data.encoding import Encoded, tokenize_task
+from ..data.examples import Task
 from ..errors import VBShareError
 from ..quantization import check_quantization
 from . import checkpoints
@@ -38,7 +39,7 @@ DATA_ORDER_SEED_STRIDE = 1_000_003  # as in batches.py: seeds of process k > 0 s
 RANK_SEED_STRIDE = 7_919  # process k > 0 draws dropout from seed * DATA_ORDER_SEED_STRIDE + k * this + step
 # The only modules whose functions and classes a config may name as `_target_` (besides torch.optim's
 # optimisers): a config, and so a recorded override, can build vbshare's tasks, models and loggers, nothing else.
-BUILDER_MODULES = ("vbshare.data.tasks", "vbshare.models", "vbshare.train.loggers")
+BUILDER_MODULES = ("vbshare.data.tasks", "vbshare.data.hub", "vbshare.models", "vbshare.train.loggers")
 TARGET_KEY = "_target_"
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import vbshare
 
 from ..checks import is_integer
-from ..data.tasks import Encoded
+from ..data.encoding import Encoded
 from ..errors import VBShareError
 from ..rundir import RunDir
 from .evaluation import evaluate, format_scores
