@@ -329,11 +329,7 @@ def randlora_reference(adapter) -> torch.Tensor:
     U(±gain·√(3/fan_in)) with gain √(2/(1+5)): A (r, 1, d_g) with fan_in d_g first, then n_g slabs (D_g, 1, r) with
     fan_in r; each of A and B divided by its own bf16 std), then sum M = Σ_{j<r, i<n} λ[j, i] · b_{j·n+i} (a_j ⊙ γ_i)ᵀ
     term by term, b_p = basis_B[:D, p // r, p % r], a_j = A[j, :d]; ΔW = (α/r)·M, transposed when in > out
-    (docs/methods.md §10)."""
-def pvera_reference(adapter) -> torch.Tensor:
-    """The deterministic (mean) path, docs/methods.md §11: draw the shared projections again from the seed
-    (U(−√(6/fan_in), √(6/fan_in)), A (2r, max_in) first, then B (max_out, r), one CPU generator), keep A's first r
-    rows (the mean half) and sum λ_d[i] · (λ_b ⊙ B[:out, i]) A[i, :in] over i < r one term at a time."""
+    (docs/methods.md §17)."""
     config = adapter.state.config
     r = config.r
     max_out = max(shape[0] for shape in adapter.state.targets.values())
@@ -368,6 +364,16 @@ def randlora_stored(model) -> float:
     assert not state.config.save_projection, "this formula counts the bases as rebuilt, not saved"
     r = state.config.r
     return sum(math.ceil(min(shape) / r) * (r + min(shape)) for shape in state.targets.values())
+
+
+def pvera_reference(adapter) -> torch.Tensor:
+    """The deterministic (mean) path, docs/methods.md §11: draw the shared projections again from the seed
+    (U(−√(6/fan_in), √(6/fan_in)), A (2r, max_in) first, then B (max_out, r), one CPU generator), keep A's first r
+    rows (the mean half) and sum λ_d[i] · (λ_b ⊙ B[:out, i]) A[i, :in] over i < r one term at a time."""
+    config = adapter.state.config
+    r = config.r
+    max_out = max(shape[0] for shape in adapter.state.targets.values())
+    max_in = max(shape[1] for shape in adapter.state.targets.values())
     generator = torch.Generator().manual_seed(config.projection_seed)
     A = torch.empty(2 * r, max_in).uniform_(-(6 / max_in) ** 0.5, (6 / max_in) ** 0.5, generator=generator)
     B = torch.empty(max_out, r).uniform_(-(6 / r) ** 0.5, (6 / r) ** 0.5, generator=generator)

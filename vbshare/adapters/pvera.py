@@ -47,9 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import VBShareError
+from . import vera
 from .base import AdapterConfig, AdapterState, LowRankAdapter, derived_seed
-
-PROJECTION_SLOPE = 0.0  # kaiming_uniform negative slope of the projections (ReLU gain √2), as in PEFT's PVeRA
 
 
 @dataclass
@@ -85,12 +84,8 @@ class PVeRAConfig(AdapterConfig):
 
 
 def draw_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The shared (A (2r, max_in), B (max_out, r)) in float32: one CPU generator seeded with `seed`, A drawn
-    first, each with kaiming_uniform(a=0) over its own full shape."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    A = nn.init.kaiming_uniform_(torch.empty(2 * r, max_in), a=PROJECTION_SLOPE, generator=generator)  # (2r, max_in)
-    B = nn.init.kaiming_uniform_(torch.empty(max_out, r), a=PROJECTION_SLOPE, generator=generator)  # (max_out, r)
-    return A, B
+    """The shared (A (2r, max_in), B (max_out, r)): VeRA's draw (§5) with twice the rows in A."""
+    return vera.draw_projections(r, max_in, max_out, seed, rows_A=2 * r)
 
 
 class PVeRAState(AdapterState):

@@ -56,11 +56,12 @@ class VeRAConfig(AdapterConfig):
             raise VBShareError(f"save_projection must be true or false, got {self.save_projection!r}")
 
 
-def draw_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The shared (A (r, max_in), B (max_out, r)) in float32: one CPU generator seeded with `seed`, A drawn
-    first, each with kaiming_uniform(a=0) over its own full shape."""
+def draw_projections(r: int, max_in: int, max_out: int, seed: int, rows_A: int | None = None) -> tuple[Tensor, Tensor]:
+    """The shared (A (rows_A, max_in), B (max_out, r)) in float32, rows_A = r unless given (PVeRA's A has 2r):
+    one CPU generator seeded with `seed`, A drawn first, each with kaiming_uniform(a=0) over its own full shape."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    A = nn.init.kaiming_uniform_(torch.empty(r, max_in), a=PROJECTION_SLOPE, generator=generator)  # (r, max_in)
+    A = torch.empty(rows_A or r, max_in)  # (rows_A, max_in)
+    nn.init.kaiming_uniform_(A, a=PROJECTION_SLOPE, generator=generator)
     B = nn.init.kaiming_uniform_(torch.empty(max_out, r), a=PROJECTION_SLOPE, generator=generator)  # (max_out, r)
     return A, B
 
