@@ -329,7 +329,7 @@ def randlora_reference(adapter) -> torch.Tensor:
     U(±gain·√(3/fan_in)) with gain √(2/(1+5)): A (r, 1, d_g) with fan_in d_g first, then n_g slabs (D_g, 1, r) with
     fan_in r; each of A and B divided by its own bf16 std), then sum M = Σ_{j<r, i<n} λ[j, i] · b_{j·n+i} (a_j ⊙ γ_i)ᵀ
     term by term, b_p = basis_B[:D, p // r, p % r], a_j = A[j, :d]; ΔW = (α/r)·M, transposed when in > out
-    (docs/methods.md §17)."""
+    (docs/methods.md §10)."""
     config = adapter.state.config
     r = config.r
     max_out = max(shape[0] for shape in adapter.state.targets.values())

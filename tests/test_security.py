@@ -227,3 +227,15 @@ def test_peft_folder_whose_safetensors_is_a_pickle_is_refused(tmp_path, marker):
     with pytest.raises(VBShareError, match="not a readable PEFT adapter folder") as err:
         vbshare.import_peft(BertModel(config), tmp_path / "peft")
     one_line(err)
+
+
+def test_a_method_name_from_a_run_folder_never_chooses_a_search_file(tmp_path):
+    """The report reads a run's size knob from configs/search/<method>.yaml; a method name that is a path (from a
+    tampered config.yaml) must not load a YAML file elsewhere on disk."""
+    from vbshare.search_spaces import SEARCH_DIR, read_search
+    planted = tmp_path / "planted.yaml"
+    planted.write_text("size_key: ${oc.env:HOME}\n")
+    relative = Path(*[".."] * len(SEARCH_DIR.parts)) / planted.with_suffix("").relative_to("/")
+    assert (SEARCH_DIR / f"{relative}.yaml").resolve() == planted.resolve()  # the path would reach it
+    assert read_search(str(relative)).size_key is None
+    assert read_search("vera").size_key == "r"  # a real method's file still reads

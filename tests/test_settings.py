@@ -145,6 +145,9 @@ BAD_SETTINGS = {
     "lr_factor=0": (["+trainer/sparsify=default", "trainer.sparsify.lr_factor=0"],
                     "trainer.sparsify.lr_factor must be a number > 0, got 0"),
     "alpha=big": (["adapter.alpha=big"], "alpha must be positive (a finite number > 0) or None, got 'big'"),
+    "forgetting_eval on a classifier": (["trainer.forgetting_eval=true"],
+                                        "trainer.forgetting_eval=true scores a causal LM on general text; this run's "
+                                        "model is a classification model, set trainer.forgetting_eval=false"),
     "r=1000000000": (["adapter.r=1000000000"],
                      "r=1000000000 is larger than any target can use: the largest, "
                      "bert.encoder.layer.0.intermediate.dense (out=128, in=64), has 8192 weights; choose r <= 8192"),

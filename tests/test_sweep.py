@@ -50,7 +50,9 @@ def test_readme_sweep_command_flat_hyperparameters_2x2_joblib_and_report(tmp_pat
         assert (tmp_path / "report" / name).stat().st_size > 1000
 
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# peft_metamath needs Llama-3.2-3B and the MetaMathQA / GSM8K datasets from the Hub: tests/test_generation.py
+# checks that it composes; every other experiment runs here.
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if p.stem != "peft_metamath")
 
 
 @pytest.mark.slow
@@ -64,8 +66,8 @@ def test_experiment_composes_and_runs(experiment, tmp_path):
     methods = {json.loads((d / "summary.json").read_text())["method"] for d in dirs}
     if experiment == "compare":
         assert methods == {"head_only", "full_finetune", "lora", "vblora", "aslora", "sora", "vera", "unilora",
-                           "tied_lora", "nola", "randlora"}
-        assert len(dirs) == 12  # aslora twice: similarity and random pairing
+                           "tied_lora", "nola", "loraxs", "mos", "randlora", "pvera", "tinylora"}
+        assert len(dirs) == 16  # aslora twice: similarity and random pairing
     table = report.summarise(report.collect_runs(sweep))
     assert len(table) == len(dirs)
 

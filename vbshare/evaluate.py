@@ -116,6 +116,8 @@ def check_same_as_run(composed: DictConfig, run_dir: Path) -> None:
     """Refuse a composed config that differs from the run's resolved config on what decides the scores."""
     now, then = decisive(OmegaConf.to_container(composed, resolve=True)), decisive(saved_config(run_dir))
     for key in sorted(set(now) | set(then)):
+        if key not in then and now[key] is None:
+            continue  # a setting added to configs/ since the run, off by default (e.g. model.quantization)
         if now.get(key, "<absent>") != then.get(key, "<absent>"):
             raise VBShareError(
                 f"{key} is {then.get(key, '<absent>')!r} in {RunDir(run_dir).config} but {now.get(key, '<absent>')!r} "

@@ -153,6 +153,9 @@ class RunDir:
         except yaml.YAMLError as err:
             raise VBShareError(f"cannot read the run in {self.path}: {CONFIG} is not valid YAML ({yaml_problem(err)}); "
                                "fix the file or leave the run out") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise VBShareError(f"cannot read the run in {self.path}: {CONFIG} is not readable text ({err}); fix the "
+                               "file or leave the run out") from None
         config = config or {}
         if not isinstance(config, dict):
             raise VBShareError(f"cannot read the run in {self.path}: {CONFIG} is not a mapping of settings; fix the "

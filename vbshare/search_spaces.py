@@ -10,6 +10,7 @@ what a run trains with. vbshare.compare tunes with them; vbshare.report reads a 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,19 @@ class SearchSpace:
     size_key: str | None = None
 
 
+SEARCH_NAME = re.compile(r"[a-z][a-z0-9_]*")  # an adapter config's name: never a path
+
+
 def search_path(name: str) -> Path:
     return SEARCH_DIR / f"{name}.yaml"
 
 
 def read_search(name: str) -> SearchSpace:
-    """configs/search/<name>.yaml as plain data; an empty space when the file is missing (the comparison refuses
-    that with its own message)."""
+    """configs/search/<name>.yaml as plain data; an empty space when the file is missing or `name` is no adapter
+    config's name (it may come from a run folder: a path there must not choose the file), so the comparison refuses
+    it with its own message."""
     path = search_path(name)
-    if not path.is_file():
+    if not SEARCH_NAME.fullmatch(name) or not path.is_file():
         return SearchSpace()
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}

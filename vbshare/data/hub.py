@@ -62,6 +62,9 @@ def generation_chats(rows: list[dict[str, Any]], prompt_template: str, response_
         except KeyError as err:
             raise VBShareError(f"data.prompt_template names column {err} that {name} does not have; its columns "
                                f"are: {', '.join(row)}") from None
+        except (IndexError, ValueError, AttributeError) as err:
+            raise VBShareError(f"data.prompt_template {prompt_template!r} is not a template of named columns ({err}); "
+                               "write it like 'Question: {question}'") from None
         chats.append([{"role": "user", "content": prompt}, {"role": ASSISTANT, "content": str(row[response_column])}])
     return chats
 
@@ -135,7 +138,9 @@ def metamath_gsm8k(train_name: str = "meta-math/MetaMathQA", gsm8k_name: str = "
     pick = sorted(np.random.default_rng(seed).permutation(len(gsm_train))[:validation_size].tolist())
     as_query = lambda rows: [{"query": r["question"], "response": r["answer"]} for r in rows]  # noqa: E731
     _column(train, "query", train_name)
-    _column(gsm_test, "question", gsm8k_name)
+    for rows in (gsm_train, gsm_test):
+        _column(rows, "question", gsm8k_name)
+        _column(rows, "answer", gsm8k_name)
     splits = {"train": Split(messages=generation_chats(train, prompt_template, "response", train_name)),
               "validation": Split(messages=generation_chats(as_query([gsm_train[i] for i in pick]), prompt_template,
                                                             "response", gsm8k_name)),

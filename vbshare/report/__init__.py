@@ -1,14 +1,16 @@
 """`python -m vbshare.report <folder> [--control lora]`: the side-by-side table and plots of finished runs.
 
 Reads only what every run directory holds (its summary, resolved config, metrics log and the test split's
-predictions: vbshare.rundir), so it works on runs made on another machine, and imports nothing of the training app. Runs are grouped by
-(task, metric) and groups are never mixed: a folder holding several is reported as one sub-folder per group.
+predictions: vbshare.rundir), so it works on runs made on another machine, and imports nothing of the training
+app. Runs are grouped by (task, metric) and groups are never mixed: a folder holding several is reported as one
+sub-folder per group.
 Writes, into `--out` (default <folder>/report):
   report.md / report.csv  one row per method configuration (runs equal in every setting but the seed): metric
                           mean, sample std and 95 % t-interval over seeds, the paired t-test against the control
                           over shared seeds, the per-example paired test against the control over the test
                           examples, each averaged over the shared seeds (exact sign test on correctness for
-                          classification, Wilcoxon signed-rank on per-example losses otherwise), stored /
+                          classification and exact match, Wilcoxon signed-rank on the per-example score of
+                          generated text, e.g. ROUGE-L, else on per-example losses), stored /
                           trainable parameters, adapter bytes, wall time, peak memory
   pareto.png              metric against stored parameters (log axis) with 95 % CIs, one line per method across
                           its sizes; configurations storing 0 parameters (head-only) as horizontal lines

@@ -93,8 +93,9 @@ def examples_vs_control(pairs: pd.DataFrame) -> dict[str, Any]:
     test when there is one seed); a generation task scored by exact match has `correct` too. Generated text scored
     otherwise (a `score` per example, e.g. ROUGE-L): better when higher, the Wilcoxon signed-rank test over the
     examples. Otherwise: the per-example mean losses, better when lower, and the Wilcoxon signed-rank test. The
-    test covers which examples were drawn, not the training seeds' spread (p_vs_control covers that). Returns examples_test, examples_paired (distinct examples), examples_better,
-    examples_worse and p_examples_vs_control; every value None / NaN when nothing pairs."""
+    test covers which examples were drawn, not the training seeds' spread (p_vs_control covers that). Returns
+    examples_test, examples_paired (distinct examples), examples_better, examples_worse and
+    p_examples_vs_control; every value None / NaN when nothing pairs."""
     if pairs.empty:
         return {"examples_test": None, "examples_paired": None, "examples_better": None, "examples_worse": None,
                 "p_examples_vs_control": math.nan}

@@ -32,11 +32,21 @@ def general_text_task() -> Task:
     return Task("forgetting_sample", "lm", {"test": Split(articles)}, "perplexity", [], FORGETTING_BLOCK)
 
 
-def general_text_loss(run: "Run") -> float:
-    """LM loss (nats per token) of the run's model on the general-text sample (every process takes part)."""
+def check_forgetting(run: "Run") -> None:
+    """Refuse, before any training, a run whose forgetting cannot be scored: a model that is not a causal LM, or a
+    resumed full fine-tune (the loss before training is not kept in checkpoints)."""
+    if not run.settings.trainer.forgetting_eval:
+        return
     if run.task.kind != "lm":
         raise VBShareError("trainer.forgetting_eval=true scores a causal LM on general text; this run's model is a "
                            f"{run.task.kind} model, set trainer.forgetting_eval=false")
+    if state_of(run.model, required=False) is None and run.step > 0:
+        raise VBShareError("trainer.forgetting_eval=true with full fine-tuning needs the run to start at step 0 "
+                           "(the loss before training is not kept in checkpoints); start a fresh run")
+
+
+def general_text_loss(run: "Run") -> float:
+    """LM loss (nats per token) of the run's model on the general-text sample (every process takes part)."""
     task = general_text_task()
     data = tokenize_task(task, run.tokenizer, splits=["test"])["test"]
     data.input_ids = data.input_ids[:FORGETTING_BLOCKS]  # FORGETTING_BLOCKS × (FORGETTING_BLOCK,)
@@ -47,6 +57,7 @@ def general_text_loss(run: "Run") -> float:
 def loss_before(run: "Run") -> float | None:
     """The loss before training when it must be taken at the start (full fine-tuning, a fresh run); else None
     (an adapter is switched off at the end instead, which also covers resumed runs)."""
+    check_forgetting(run)
     if not run.settings.trainer.forgetting_eval or state_of(run.model, required=False) is not None or run.step > 0:
         return None
     return general_text_loss(run)
