@@ -72,6 +72,22 @@ class KeyTable:
         raise VBShareError(f"unexpected tensor {key} in the PEFT {self.what} adapter (a bias? an embedding "
                            "adapter? vbshare imports bias='none' adapters of linear layers)")
 
+    def shared_in(self, ours: dict[str, Tensor]) -> list[str]:
+        """The shared tensors a folder holds (renamed keys `ours`): all of them or none, else refused in one line."""
+        saved = [local for local in self.shared if f"{STATE_ATTR}.{local}" in ours]
+        if saved and len(saved) != len(self.shared):
+            raise VBShareError(f"the PEFT {self.what} adapter holds only some of {', '.join(self.shared.values())}; "
+                               "is it a complete save?")
+        return saved
+
+    def check_shared_shapes(self, ours: dict[str, Tensor], state: nn.Module, saved: list[str], r: int) -> None:
+        """Refuse, in one line, a saved shared tensor whose shape differs from the one injected for these targets."""
+        for local in saved:
+            key, needed = f"{STATE_ATTR}.{local}", tuple(getattr(state, local).shape)
+            if tuple(ours[key].shape) != needed:
+                raise VBShareError(f"the PEFT {self.what} {local} has shape {tuple(ours[key].shape)}, but r={r} on these "
+                                   f"targets needs {needed}; import into the base model the adapter was trained on")
+
     def modules_with(self, ours: dict[str, Tensor], local: str) -> list[str]:
         """The module names that hold the vbshare tensor `local` among already renamed keys, sorted."""
         return sorted(k.rpartition(".")[0] for k in ours if k.rpartition(".")[2] == local)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..adapters.base import STATE_ATTR, state_of
+from ..adapters.base import state_of
 from ..core import inject, load_adapter_tensors, stored_tensors
 from ..errors import VBShareError
 from .common import KeyTable, PeftType
@@ -39,19 +39,11 @@ def load(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -
     names = KEYS.modules_with(ours, "lambda_d")
     if not names:
         raise VBShareError("the PEFT VeRA adapter holds no vera_lambda_d tensors; is it a complete save?")
-    saved = [local for local in KEYS.shared if f"{STATE_ATTR}.{local}" in ours]
-    if saved and len(saved) != len(KEYS.shared):
-        raise VBShareError("the PEFT VeRA adapter holds only one of vera_A and vera_B; is it a complete save?")
+    saved = KEYS.shared_in(ours)
     inject(model, "vera", targets=names, r=config["r"], projection_seed=config.get("projection_prng_key", 0),
            save_projection=bool(saved), d_initial=config.get("d_initial", 0.1),
            dropout=float(config.get("vera_dropout") or 0.0))
-    state = state_of(model)
-    for local in saved:
-        key = f"{STATE_ATTR}.{local}"
-        if ours[key].shape != getattr(state, local).shape:
-            raise VBShareError(
-                f"the PEFT VeRA {local} has shape {tuple(ours[key].shape)}, but r={config['r']} on these targets needs "
-                f"{tuple(getattr(state, local).shape)}; import into the base model the adapter was trained on")
+    KEYS.check_shared_shapes(ours, state_of(model), saved, config["r"])
     load_adapter_tensors(model, ours, "the PEFT VeRA adapter")
     return model
 
