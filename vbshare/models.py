@@ -156,7 +156,6 @@ def tiny_bert(
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     _check_task(task, ("classification",), "tiny_bert")
-    weights_dtype = torch_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
