@@ -6,12 +6,15 @@ A stack of `--layers` nn.Linear(size, size) (random frozen weights), NOLA on eve
 unless --hp says otherwise; one input batch of `--tokens` rows. Reported (one JSON line): the time to inject, the
 time of one training step (forward, backward, AdamW step; the second step, so AdamW's states exist), and the peak
 of tensor bytes during a third step measured by torch's profiler (plan_check.py's method) plus the bytes the
-model holds (base weights, coefficients, cached bases).
+model holds (base weights, coefficients, cached bases). `--memory rss` reports the process's peak resident memory
+instead (everything it held, Python and the base weights included): cruder, but without the profiler, whose event
+record itself grows large when chunked bases make thousands of small tensors.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--hp", default="{}", help="NOLA hyperparameters as JSON, over k = l = 1024, r = 8")
+    parser.add_argument("--memory", choices=["profiler", "rss"], default="profiler",
+                        help="peak tensor bytes of a third step (torch profiler) or the process's peak RSS")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -71,12 +76,15 @@ def main() -> None:
     started = time.perf_counter()
     step()
     step_s = time.perf_counter() - started
-    check = load_check()
-    held = check.held_bytes(model)
-    peak = held + check.peak_during(step)
+    if args.memory == "rss":
+        memory = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB -> GiB
+    else:
+        check = load_check()
+        held = check.held_bytes(model)
+        peak = held + check.peak_during(step)
+        memory = {"held_gib": round(held / 2**30, 3), "peak_gib": round(peak / 2**30, 3)}
     print(json.dumps({"size": args.size, "layers": args.layers, "tokens": args.tokens, "hp": hp,
-                      "inject_s": round(inject_s, 2), "step_s": round(step_s, 2),
-                      "held_gib": round(held / 2**30, 3), "peak_gib": round(peak / 2**30, 3)}))
+                      "inject_s": round(inject_s, 2), "step_s": round(step_s, 2), **memory}))
 
 
 if __name__ == "__main__":
