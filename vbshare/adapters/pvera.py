@@ -64,11 +64,7 @@ class PVeRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
-            raise VBShareError(f"d_initial must be a finite number, got {self.d_initial!r}")
-        if self.d_initial == 0:
-            raise VBShareError("d_initial must be non-zero: with lambda_b starting at 0 too, no gradient would reach "
-                               "either vector; use e.g. d_initial=0.1")
+        vera.check_d_initial(self.d_initial)
         for key in ("projection_seed", "sample_seed"):
             value = getattr(self, key)
             if value is None and key == "sample_seed":

@@ -35,6 +35,15 @@ from .base import AdapterConfig, AdapterState, LowRankAdapter
 PROJECTION_SLOPE = 0.0  # kaiming_uniform negative slope of the projections (ReLU gain √2), as in PEFT's VeRA
 
 
+def check_d_initial(d_initial: object) -> None:
+    """λ_d's starting value: a finite, non-zero number (λ_b starts at 0, so with λ_d = 0 neither would train)."""
+    if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+        raise VBShareError(f"d_initial must be a finite number, got {d_initial!r}")
+    if d_initial == 0:
+        raise VBShareError("d_initial must be non-zero: with lambda_b starting at 0 too, no gradient would reach "
+                           "either vector; use e.g. d_initial=0.1")
+
+
 @dataclass
 class VeRAConfig(AdapterConfig):
     r: int = 256  # rows of the shared A / columns of B; VeRA runs use far higher ranks than LoRA
@@ -45,11 +54,7 @@ class VeRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
-            raise VBShareError(f"d_initial must be a finite number, got {self.d_initial!r}")
-        if self.d_initial == 0:
-            raise VBShareError("d_initial must be non-zero: with lambda_b starting at 0 too, no gradient would reach "
-                               "either vector; use e.g. d_initial=0.1")
+        check_d_initial(self.d_initial)
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
             raise VBShareError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}")
         if not isinstance(self.save_projection, bool):
