@@ -67,6 +67,14 @@ def truncated_svd(weight: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     return U * signs, S, Vh * signs[:, None]
 
 
+def check_svd_rank(method: str, r: int, name: str, out_features: int, in_features: int) -> None:
+    """A truncated SVD of an (out, in) weight has at most min(in, out) directions: refuse a larger r in one line."""
+    most = min(in_features, out_features)
+    if r > most:
+        raise VBShareError(f"{method} r={r} exceeds min(in, out) = {most} of module {name} (out={out_features}, "
+                           f"in={in_features}); choose r <= {most}")
+
+
 class LoRAXS(LowRankAdapter):
     """One adapted layer: frozen svd_A (r, in) and svd_B (out, r) from its own base weight, a trained R (r, r)."""
 
@@ -76,11 +84,7 @@ class LoRAXS(LowRankAdapter):
     def __init__(self, base_layer: nn.Module, name: str, config: LoRAXSConfig, state):
         super().__init__(base_layer, name, config, state)
         r = config.r
-        if r > min(self.in_features, self.out_features):
-            raise VBShareError(
-                f"loraxs r={r} exceeds min(in, out) = {min(self.in_features, self.out_features)} of module {name} "
-                f"(out={self.out_features}, in={self.in_features}); choose r <= {min(self.in_features, self.out_features)}"
-            )
+        check_svd_rank("loraxs", r, name, self.out_features, self.in_features)
         self.r = r
         self.scale = config.alpha / r
         self.save_factors = config.save_factors

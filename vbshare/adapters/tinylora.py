@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import VBShareError
 from .base import AdapterConfig, AdapterState, LowRankAdapter
-from .loraxs import truncated_svd
+from .loraxs import check_svd_rank, truncated_svd
 
 
 @dataclass
@@ -122,11 +122,7 @@ class TinyLoRA(LowRankAdapter):
     def __init__(self, base_layer: nn.Module, name: str, config: TinyLoRAConfig, state: TinyLoRAState):
         super().__init__(base_layer, name, config, state)
         r = config.r
-        if r > min(self.in_features, self.out_features):
-            raise VBShareError(
-                f"tinylora r={r} exceeds min(in, out) = {min(self.in_features, self.out_features)} of module {name} "
-                f"(out={self.out_features}, in={self.in_features}); choose r <= {min(self.in_features, self.out_features)}"
-            )
+        check_svd_rank("tinylora", r, name, self.out_features, self.in_features)
         self.r, self.u = r, config.u
         self.save_projection, self.save_factors = config.save_projection, config.save_factors
         weight = self.base_weight()  # (out, in)
