@@ -146,6 +146,16 @@ def test_schedule_and_data_order():
     assert batch_indices(10, 3, 4, seed=0).tolist() == batch_indices(10, 3, 4, seed=0).tolist()
 
 
+@pytest.mark.parametrize("n, batch_size", [(8, 16), (5, 8), (3, 16)])
+def test_a_split_smaller_than_the_batch_repeats_each_example_evenly(n, batch_size):
+    for step in range(3):
+        batch = batch_indices(n, batch_size, step, seed=1).tolist()
+        counts = [batch.count(i) for i in range(n)]
+        assert len(batch) == batch_size and sum(counts) == batch_size
+        assert min(counts) == batch_size // n and max(counts) == -(-batch_size // n)
+    assert batch_indices(n, batch_size, 0, seed=1).tolist() != batch_indices(n, batch_size, 1, seed=1).tolist()
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "VBSHARE_DEBUG")}

@@ -30,11 +30,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
 
     A pure function of (step, seed), so a resumed run sees exactly the batches the uninterrupted one would,
     and every process of a data-parallel run computes the same global batch without communicating.
+    A split smaller than the batch (a smoke test on a few examples) fills each batch with back-to-back
+    shuffles of the whole split, so every example appears ⌊batch_size / n⌋ or ⌈batch_size / n⌉ times.
     """
     per_epoch = max(1, n // batch_size)
     epoch, position = divmod(step, per_epoch)
     generator = torch.Generator().manual_seed(seed * DATA_ORDER_SEED_STRIDE + epoch)
-    order = torch.randperm(n, generator=generator)  # (n,)
+    shuffles = -(-batch_size // n) if batch_size > n else 1
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(shuffles)])  # (shuffles · n,)
     return order[position * batch_size:(position + 1) * batch_size]  # (batch_size,)
 
 

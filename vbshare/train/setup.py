@@ -223,8 +223,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     task, model, tokenizer, data = build_task_and_model(cfg, engine.device)
     set_dropout(model, t.dropout)
     if len(data["train"]) < t.batch_size:
-        raise VBShareError(f"the training split has {len(data['train'])} examples, fewer than trainer.batch_size="
-                           f"{t.batch_size}; use a smaller trainer.batch_size")
+        log.warning("the training split has %d examples, fewer than trainer.batch_size=%d: every batch repeats "
+                    "examples (set a smaller trainer.batch_size for batches of distinct examples)",
+                    len(data["train"]), t.batch_size)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.items())
     log.info("task %s (%s, metric %s): %s %s", task.name, task.kind, task.metric, sizes,
              "blocks" if task.kind == "lm" else "examples")
