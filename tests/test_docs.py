@@ -18,6 +18,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from helpers import compose_config
+from vbshare.harness import read_harness_settings
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -122,6 +123,11 @@ def check_invocation(module: str, arguments: list[str]) -> None:
         own = [o for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group in keys]
         rest = [a for a in overrides if a.split("=", 1)[0] not in keys]
         assert "run_dir" in {o.key_or_group for o in own}, f"{module} needs run_dir="
+        harness = {o.key_or_group.removeprefix("harness."): o.value()
+                   for o in OverridesParser.create().parse_overrides(rest) if o.key_or_group.startswith("harness.")}
+        if harness:  # the lm-eval bridge's settings, checked as the app checks them (the folder may be the reader's)
+            read_harness_settings({k: v for k, v in harness.items() if k != "include_path"})
+            rest = [a for a in rest if not a.startswith("harness.")]
         assert module == "vbshare.evaluate" or not rest, f"{module} takes only {', '.join(keys)}, got {rest}"
         compose_config(rest)  # evaluate's other overrides change the run's train config
     # other apps (vbshare.report) take plain arguments: the module existing is what can be checked

@@ -2,6 +2,7 @@
 
     python -m vbshare.evaluate run_dir=RUN [split=test] [predictions=true] [out=FOLDER] [data=NAME] [check_base=false]
                                [KEY=VALUE ...]
+    python -m vbshare.evaluate run_dir=RUN harness.tasks=[TASK,...] [harness.KEY=VALUE ...] [out=FOLDER]
 
     evaluate_run(run_dir, split="test", overrides=(), predictions_path=None, check_base=True) -> dict
 
@@ -23,6 +24,10 @@ Nothing in the run directory is written. The scores go to stdout as JSON; `predi
 also writes scores.json and the predictions (one row per example: index, label, prediction, correct, loss,
 class probabilities; a language model's per-example loss) into FOLDER, by default a new folder
 `evaluations/<run name>-<split>-<time>/` under the current directory.
+
+`harness.tasks=[...]` scores a causal-LM run on lm-evaluation-harness tasks instead (the `harness` extra,
+vbshare/harness.py has its settings): the results go to stdout as JSON, and with out=FOLDER to harness.json
+and one samples_<task>.jsonl per task.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ from torch import nn
 
 from .errors import VBShareError
 from .files import atomic_write
+from .harness import PREFIX as HARNESS_PREFIX
+from .harness import harness_evaluate, read_harness_settings
 from .records import flatten
 from .rundir import PREDICTIONS, RunDir
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
@@ -62,6 +69,7 @@ OWN_KEYS = ("run_dir", "split", "predictions", "out", "check_base")  # command-l
 DATA_GROUP = "data"
 DEFAULT_OUT_ROOT = "evaluations"
 SCORES = "scores.json"
+HARNESS_SCORES = "harness.json"
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[Override]:
@@ -243,13 +251,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_base = own.get("check_base", True)
         if not isinstance(check_base, bool):
             raise VBShareError(f"check_base must be true or false, got {check_base!r}")
-        rest = [o.input_line for o in parsed if o.key_or_group not in OWN_KEYS]
-        result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS, check_base)
+        harness = {o.key_or_group[len(HARNESS_PREFIX):]: o.value() for o in parsed
+                   if o.key_or_group.startswith(HARNESS_PREFIX)}
+        rest = [o.input_line for o in parsed
+                if o.key_or_group not in OWN_KEYS and not o.key_or_group.startswith(HARNESS_PREFIX)]
+        if harness:
+            if "split" in own or "predictions" in own:
+                raise VBShareError("split= and predictions= do not apply to harness.tasks: each lm-eval task scores "
+                                   "its own split; out=FOLDER keeps the per-document samples")
+            folder = Path(str(out)) if out else None
+            if folder is not None:
+                check_outside(folder, run_dir)
+            result = harness_evaluate(run_dir, read_harness_settings(harness), rest, check_base, folder)
+        else:
+            result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS, check_base)
     except USER_ERRORS as err:
         exit_with(err)
     if folder is not None:
-        atomic_write(folder / SCORES, json.dumps(result, indent=2).encode())
-        log.info("scores and predictions in %s", folder)
+        atomic_write(folder / (HARNESS_SCORES if harness else SCORES), json.dumps(result, indent=2).encode())
+        log.info("%s in %s", "lm-eval results and samples" if harness else "scores and predictions", folder)
     print(json.dumps(result, indent=2))
 
 
