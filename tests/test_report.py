@@ -203,6 +203,26 @@ def test_main_writes_table_and_plots(runs_root, tmp_path, capsys):
     assert "12 runs, 6 configurations" in capsys.readouterr().out
 
 
+def test_reference_run_is_a_labelled_line_and_a_caption(runs_root, tmp_path, capsys, monkeypatch):
+    untrained = make_run(tmp_path / "refs", "untrained", "lora", 0, 0.41, 100.0)
+    drawn = {}
+    real = plots._reference_lines
+
+    def spy(ax, references):
+        drawn.setdefault("calls", []).append(dict(references))
+        real(ax, references)
+    monkeypatch.setattr(plots, "_reference_lines", spy)
+    out = tmp_path / "out"
+    assert report.main([str(runs_root), "--out", str(out), "--reference", f"zero-shot={untrained}"]) == 0
+    assert "Reference: zero-shot, accuracy = 0.4100." in (out / "report.md").read_text()
+    assert drawn["calls"] == [{"zero-shot": 0.41}, {"zero-shot": 0.41}]  # the Pareto plot and the bars
+    capsys.readouterr()
+    assert report.main([str(runs_root), "--out", str(out), "--reference", str(untrained)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --reference")
+    assert report.main([str(runs_root), "--out", str(out), "--reference", f"x={tmp_path / 'none'}"]) == 2
+    assert "has not finished" in capsys.readouterr().err
+
+
 def test_validation_curve_mean_over_seeds(runs_root):
     curve = report.validation_curve(sorted(runs_root.glob("lora_*")), "accuracy")
     assert curve.to_dict() == {100: pytest.approx(0.6), 200: pytest.approx(0.8)}  # (0.5 + 0.6 + 0.7) / 3

@@ -1,4 +1,5 @@
-"""`python -m vbshare.report <folder> [--out DIR] [--split test|validation] [--control lora]`."""
+"""`python -m vbshare.report <folder> [--out DIR] [--split test|validation] [--control lora]
+[--reference LABEL=RUN_DIR ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import VBShareError
-from .markdown import write_report
+from .markdown import reference_scores, write_report
 from .runs import collect_runs, split_groups
 from .table import DEFAULT_CONTROL
 
@@ -18,11 +19,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write the report (default <root>/report)")
     parser.add_argument("--split", choices=["test", "validation"], help="score split (default: test, else validation)")
     parser.add_argument("--control", default=DEFAULT_CONTROL, help="method of the paired test's reference runs")
+    parser.add_argument("--reference", action="append", default=[], metavar="LABEL=RUN_DIR",
+                        help="a finished run whose score is drawn as a labelled line, e.g. zero-shot=runs/untrained "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.root) / "report"
     try:
+        references = {}
+        for item in args.reference:
+            label, sep, run_dir = item.partition("=")
+            if not sep or not label or not run_dir:
+                raise VBShareError(f"--reference {item}: give LABEL=RUN_DIR, e.g. --reference zero-shot=runs/untrained")
+            references[label] = run_dir
         runs = collect_runs(args.root, args.split)
-        written = write_report(runs, out, args.control)
+        split = args.split or str(runs["split"].iloc[0])
+        written = write_report(runs, out, args.control, reference_scores(references, split))
     except VBShareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

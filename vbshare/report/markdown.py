@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import VBShareError
 from ..files import atomic_write
+from ..rundir import RunDir
 from .examples import MCNEMAR, WILCOXON
 from .plots import _direction, bar_plot, curves_plot, pareto_plot, stages_plot
 from .runs import split_groups
@@ -62,10 +64,26 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CONTROL) -> list[Path]:
+def reference_scores(references: dict[str, str | Path], split: str) -> dict[str, dict[str, float]]:
+    """{label: {metric: score}} of reference runs (e.g. the untrained model scored by a run that trained
+    nothing): each run's final scores on `split`, read from its summary.json."""
+    scores = {}
+    for label, run_dir in references.items():
+        summary = RunDir(run_dir).read_summary()
+        final = summary.get("final", {}).get(split)
+        if not isinstance(final, dict):
+            raise VBShareError(f"the reference run {run_dir} has no final {split} scores in its summary.json; "
+                               f"give a finished run scored on {split}")
+        scores[label] = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
+    return scores
+
+
+def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CONTROL,
+                 references: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """report.md, report.csv, pareto.png, bars.png and curves.png in `out`, plus stages.csv and
     sparsity_stages.png when some run went through sparsifying stages; with several (task, metric) groups, the
-    same set in one sub-folder `<task>-<metric>` per group. Returns the files written."""
+    same set in one sub-folder `<task>-<metric>` per group. `references` ({label: {metric: score}}, e.g. from
+    `reference_scores`) are drawn as lines on the plots and listed under the table. Returns the files written."""
     out = Path(out)
     groups = split_groups(runs)
     written = []
@@ -73,11 +91,14 @@ def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CON
         folder = out if len(groups) == 1 else out / f"{task}-{metric}"
         folder.mkdir(parents=True, exist_ok=True)
         table = summarise(group, control)
-        atomic_write(folder / "report.md", markdown_table(table).encode())
+        lines = {label: scores[metric] for label, scores in (references or {}).items() if metric in scores}
+        text = markdown_table(table) + "".join(f"\nReference: {label}, {metric} = {value:.4f}.\n"
+                                               for label, value in lines.items())
+        atomic_write(folder / "report.md", text.encode())
         csv = table.assign(pareto=pareto_front(table)).drop(columns="config_key").to_csv(index=False)
         atomic_write(folder / "report.csv", csv.encode())
-        written += [folder / "report.md", folder / "report.csv", pareto_plot(table, folder / "pareto.png"),
-                    bar_plot(table, folder / "bars.png")]
+        written += [folder / "report.md", folder / "report.csv", pareto_plot(table, folder / "pareto.png", lines),
+                    bar_plot(table, folder / "bars.png", lines)]
         curves = curves_plot(group, table, folder / "curves.png")
         written += [curves] if curves else []
         stages = stage_table(group)

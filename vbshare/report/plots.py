@@ -75,15 +75,22 @@ def _place_labels(fig, texts: list) -> None:
         placed.append(box)
 
 
-def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
+def _reference_lines(ax, references: dict[str, float]) -> None:
+    """A grey dash-dot line per reference score (e.g. the untrained model's), labelled for the legend."""
+    for label, value in references.items():
+        ax.axhline(value, color="0.35", ls="-.", lw=1.2, label=f"{label}: {value:.4g}")
+
+
+def pareto_plot(table: pd.DataFrame, path: str | Path, references: dict[str, float] | None = None) -> Path:
     """Metric (mean, 95 % CI) against stored parameters on a log axis, one line per method through its sizes.
 
     A configuration storing 0 parameters (head-only) has no place on a log axis: it is a horizontal line at its
     mean with its CI as a band, labelled "0 stored". The Pareto front of the other configurations is dashed (when
-    it joins two or more of them)."""
+    it joins two or more of them). `references` ({label: score}) are grey dash-dot lines."""
     colours = _colours(table)
     positive = table[table["stored_params"] > 0]
     fig, ax = _figure((8.5, 5.5))
+    _reference_lines(ax, references or {})
     for _, row in table[table["stored_params"] <= 0].iterrows():
         colour = colours[row["method"]]
         ax.axhline(row["metric_mean"], color=colour, ls=":", lw=1.5, label=f"{row['label']} (0 stored)")
@@ -115,14 +122,18 @@ def pareto_plot(table: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def bar_plot(table: pd.DataFrame, path: str | Path) -> Path:
-    """One bar per configuration from 0: metric mean with its 95 % CI (none drawn for a single seed)."""
+def bar_plot(table: pd.DataFrame, path: str | Path, references: dict[str, float] | None = None) -> Path:
+    """One bar per configuration from 0: metric mean with its 95 % CI (none drawn for a single seed);
+    `references` ({label: score}) are grey dash-dot lines across the bars."""
     fig, ax = _figure((max(6.0, 0.7 * len(table) + 2), 4.5))
     colours = _colours(table)
     ax.bar(range(len(table)), table["metric_mean"], yerr=_ci_errors(table), capsize=3,
            color=[colours[m] for m in table["method"]])
     ax.set_xticks(range(len(table)), table["label"], rotation=45, ha="right", fontsize=8)
     ax.set_ylim(bottom=0.0)
+    if references:
+        _reference_lines(ax, references)
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_ylabel(_metric_axis_label(table))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
