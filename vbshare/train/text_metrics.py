@@ -11,6 +11,7 @@ maintained package computes it without one. Every metric here is better when hig
 """
 from __future__ import annotations
 
+import logging
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -66,6 +67,7 @@ def per_example_scores(predictions: list[str], references: list[str], metrics: t
     if rouge:
         from rouge_score import rouge_scorer
 
+        logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per scorer
         scorer = rouge_scorer.RougeScorer([ROUGE_NAMES[m] for m in rouge], use_stemmer=True)
         for row, prediction, reference in zip(rows, predictions, references):
             scores = scorer.score(reference, prediction)  # (target, prediction)
