@@ -26,6 +26,7 @@ QUESTIONS = [("the market rose because", ["shares gained", "rain fell"], 0),
              ("ministers said the plan", ["will cost more", "is a film"], 0),
              ("the film was", ["a hit", "a goal"], 1),
              ("police said the man", ["was arrested", "scored twice"], 0)]
+HITS = (0, 2)  # questions whose generation target is the adapted model's own greedy text
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +45,28 @@ def lm_run(tmp_path_factory):
     return folder / "run"
 
 
+def greedy_continuations(model, tokenizer, max_new_tokens: int = 5) -> list[str]:
+    """transformers' greedy decoding of each question (no special tokens), cut at the first newline."""
+    texts = []
+    for question, _, _ in QUESTIONS:
+        ids = torch.tensor([tokenizer(question, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0])
+    return texts
+
+
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    """Two lm-eval tasks on local JSON-lines files: a two-way multiple choice and a greedy generation."""
+def tasks(tmp_path_factory, lm_run):
+    """Two lm-eval tasks on local JSON-lines files: a two-way multiple choice and a greedy generation whose
+    targets are, for questions 0 and 2, what the adapted model decodes (hits), else the right choice (misses)."""
     folder = tmp_path_factory.mktemp("tasks")
+    greedy = greedy_continuations(*adapted_model(lm_run))
+    targets = [greedy[i] if i in HITS else choices[answer] for i, (_, choices, answer) in enumerate(QUESTIONS)]
     docs = folder / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a, "target": c[a]}) + "\n"
-                            for q, c, a in QUESTIONS))
+    docs.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a, "target": t}) + "\n"
+                            for (q, c, a), t in zip(QUESTIONS, targets)))
     source = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}}, "test_split": "test"}
     (folder / "choice.yaml").write_text(json.dumps({
         "task": "vbshare_tiny_choice", **source, "output_type": "multiple_choice", "doc_to_text": "{{question}}",
@@ -117,21 +133,17 @@ def test_multiple_choice_scores_are_the_adapted_models_loglikelihoods(lm_run, ta
 
 def test_generation_is_transformers_greedy_decoding_and_the_command_line(lm_run, tasks, tmp_path, capsys):
     out = tmp_path / "out"
-    evaluate_main([f"run_dir={lm_run}", "harness.tasks=[vbshare_tiny_generate]", f"harness.include_path={tasks}",
+    evaluate_main([f"run_dir={lm_run}", "harness.tasks=[vbshare_tiny_gen*]", f"harness.include_path={tasks}",
                    "harness.add_bos_token=false", "harness.batch_size=3", f"out={out}"])
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "harness.json").read_text()) == printed
-    model, tokenizer = adapted_model(lm_run)
-    expected = []
-    for question, _, _ in QUESTIONS:
-        ids = torch.tensor([tokenizer(question, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        expected.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0])
+    assert printed["tasks"] == ["vbshare_tiny_generate"]  # the glob, resolved
+    expected = greedy_continuations(*adapted_model(lm_run))
     rows = samples(out, "vbshare_tiny_generate")
     assert [row["filtered_resps"][0] for row in rows] == expected
-    matches = [float(text.strip() == choices[answer]) for text, (_, choices, answer) in zip(expected, QUESTIONS)]
-    assert printed["results"]["vbshare_tiny_generate"]["exact_match,none"] == pytest.approx(sum(matches) / len(matches))
+    assert set(expected[i] for i in range(len(QUESTIONS)) if i not in HITS).isdisjoint(
+        {choices[answer] for _, choices, answer in QUESTIONS})  # the misses really miss
+    assert printed["results"]["vbshare_tiny_generate"]["exact_match,none"] == pytest.approx(len(HITS) / len(QUESTIONS))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -139,6 +151,7 @@ def test_generation_is_transformers_greedy_decoding_and_the_command_line(lm_run,
     ({"tasks": []}, "harness.tasks must be a non-empty list"),
     ({"tasks": ["gsm8k"], "limit": 0}, "harness.limit must be"),
     ({"tasks": ["gsm8k"], "limit": 1.5}, "harness.limit must be"),
+    ({"tasks": ["gsm8k"], "limit": 1.0}, "harness.limit must be"),  # lm-eval reads 1.0 as one document
     ({"tasks": ["gsm8k"], "batch_size": 0}, "harness.batch_size must be an integer >= 1"),
     ({"tasks": ["gsm8k"], "merge": "yes"}, "harness.merge must be true or false"),
     ({"tasks": ["gsm8k"], "include_path": "/no/such/folder"}, "is not a folder"),
@@ -160,7 +173,11 @@ def test_unknown_and_unreachable_tasks_and_a_classifier_run_are_refused_in_one_l
     assert code.value.code == 2
     assert "lm-eval knows no task" in capsys.readouterr().err
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # gsm8k's data is on the Hub, which this test cannot reach
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # an empty cache, and no Hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

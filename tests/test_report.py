@@ -221,6 +221,12 @@ def test_reference_run_is_a_labelled_line_and_a_caption(runs_root, tmp_path, cap
     assert capsys.readouterr().err.strip().startswith("error: --reference")
     assert report.main([str(runs_root), "--out", str(out), "--reference", f"x={tmp_path / 'none'}"]) == 2
     assert "has not finished" in capsys.readouterr().err
+    other_task = make_run(tmp_path / "refs", "lm", "lora", 0, 30.0, 100.0, task="bbc_lm", metric="perplexity")
+    assert report.main([str(runs_root), "--out", str(out), "--reference", f"lm={other_task}"]) == 2
+    assert "scored another task than these runs (bbc_news)" in capsys.readouterr().err
+    assert report.main([str(runs_root), "--out", str(out), "--reference", f"a={untrained}",
+                        "--reference", f"a={untrained}"]) == 2
+    assert "given twice" in capsys.readouterr().err
 
 
 def test_validation_curve_mean_over_seeds(runs_root):

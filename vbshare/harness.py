@@ -8,10 +8,14 @@
 
 The run is rebuilt as `vbshare.evaluate` rebuilds it (configs/ plus the overrides it recorded; what it trained
 loaded onto a fresh base, whose weights are checked) and handed, in memory, to lm-eval's Hugging Face model
-(`HFLM(pretrained=<the adapted model>)`). Every method therefore works, not only those PEFT can load.
-`harness.merge=true` first folds the adapter into the base weights: the same scores up to rounding, faster
-decoding. `harness.include_path` adds a folder of your own lm-eval task YAMLs (e.g. a task on a local file).
-lm-eval's own tasks download their data from the Hub on first use; offline, a missing dataset is one line.
+(`HFLM(pretrained=<the adapted model>)`), under the run's `trainer.precision` autocast as vbshare.evaluate
+scores it. Every method therefore works, not only those PEFT can load. The run's own data is loaded as its
+data config says, but only one example per split is tokenised (`trainer.max_examples=1`): the model is what
+lm-eval scores.
+`harness.merge=true` first folds the adapter into the base weights (faster decoding; the same scores in fp32,
+within rounding in bf16; refused on a 4- or 8-bit base). `harness.include_path` adds a folder of your own lm-eval
+task YAMLs (e.g. a task on a local file). lm-eval's own tasks download their data from the Hub on first use;
+offline, a missing dataset is one line.
 
 lm-eval is an optional extra (`pip install .[harness]`); nothing else in vbshare imports it. One process:
 lm-eval does its own batching, and a model passed in memory is not sharded across processes.
@@ -42,7 +46,8 @@ class HarnessSettings:
     fraction of each (a float in (0, 1]), None for all; batch_size: documents per forward pass; merge: fold the
     adapter into the base weights first; include_path: a folder of extra task YAMLs; chat_template: render
     prompts with the tokenizer's chat template; add_bos_token: None keeps the tokenizer's default; seed: lm-eval's
-    Python, NumPy, torch and few-shot sampling seeds."""
+    Python, NumPy, torch and few-shot sampling seeds (None: lm-eval's own defaults, as a plain `lm_eval` run,
+    so few-shot prompts match published numbers)."""
 
     tasks: tuple[str, ...]
     num_fewshot: int | None = None
@@ -52,7 +57,7 @@ class HarnessSettings:
     include_path: str | None = None
     chat_template: bool = False
     add_bos_token: bool | None = None
-    seed: int = 0
+    seed: int | None = None
 
 
 def read_harness_settings(values: dict[str, Any]) -> HarnessSettings:
@@ -86,8 +91,8 @@ def read_harness_settings(values: dict[str, Any]) -> HarnessSettings:
 
     limit = values.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
-                              or (isinstance(limit, float) and (limit > 1 or not math.isfinite(limit)))):
-        raise VBShareError(f"harness.limit must be a number of documents (an integer >= 1) or a fraction in (0, 1], "
+                              or (isinstance(limit, float) and (limit >= 1 or not math.isfinite(limit)))):
+        raise VBShareError(f"harness.limit must be a number of documents (an integer >= 1) or a fraction in (0, 1), "
                            f"got {limit!r}")
     include = values.get("include_path")
     if include is not None and not Path(str(include)).is_dir():
@@ -96,7 +101,7 @@ def read_harness_settings(values: dict[str, Any]) -> HarnessSettings:
                            batch_size=whole("batch_size", 1, 8), merge=bool(flag("merge", False)),
                            include_path=None if include is None else str(include),
                            chat_template=bool(flag("chat_template", False)),
-                           add_bos_token=flag("add_bos_token", None), seed=whole("seed", 0, 0))
+                           add_bos_token=flag("add_bos_token", None), seed=whole("seed", 0, None))
 
 
 def import_lm_eval():
@@ -120,12 +125,22 @@ class _InMemoryModelNotice(logging.Filter):
                     or message.startswith("Passed an already-initialized model through"))
 
 
-def check_tasks(task_manager, tasks: Sequence[str]) -> None:
-    """Refuse a task name lm-eval does not know before any model is built."""
-    for name in tasks:
-        if not task_manager.match_tasks([name]):
-            raise VBShareError(f"harness.tasks: lm-eval knows no task, group or tag {name!r} (python -m lm_eval ls tasks "
+def resolve_tasks(task_manager, tasks: Sequence[str]) -> list[str]:
+    """The registered names that `tasks` (names or glob patterns) stand for; one that matches nothing is refused
+    before any model is built."""
+    names: list[str] = []
+    for pattern in tasks:
+        matched = task_manager.match_tasks([pattern])
+        if not matched:
+            raise VBShareError(f"harness.tasks: lm-eval knows no task, group or tag {pattern!r} (lm_eval ls tasks "
                                "lists them; a task of your own needs harness.include_path=<folder of its YAML>)")
+        names += [name for name in matched if name not in names]
+    return names
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def harness_evaluate(run_dir: str | Path, settings: HarnessSettings, overrides: Sequence[str] = (),
@@ -142,10 +157,17 @@ def harness_evaluate(run_dir: str | Path, settings: HarnessSettings, overrides: 
     from .train.setup import set_threads
 
     lm_eval, HFLM, TaskManager = import_lm_eval()
+    from jinja2 import TemplateError  # lm-eval's prompt templates (a dependency of lm-eval)
+
     run_dir = Path(run_dir)
     task_manager = TaskManager(include_path=settings.include_path)
-    check_tasks(task_manager, settings.tasks)
+    tasks = resolve_tasks(task_manager, settings.tasks)
+    if not any(o.split("=", 1)[0] == "trainer.max_examples" for o in overrides):
+        overrides = [*overrides, "trainer.max_examples=1"]  # the model is what is scored; the run's data is not
     cfg = run_config(run_dir, overrides)
+    if settings.merge and cfg.model.get("quantization"):
+        raise VBShareError(f"harness.merge=true folds the adapter into base weights, and this run's base is "
+                           f"{cfg.model.quantization}-quantized; leave harness.merge=false to score it unmerged")
     trainer = read_settings(cfg).trainer
     engine = Engine(trainer)
     try:
@@ -158,34 +180,46 @@ def harness_evaluate(run_dir: str | Path, settings: HarnessSettings, overrides: 
         if task.kind != "lm" or not hasattr(model, "generate"):
             raise VBShareError(f"lm-eval tasks score a causal language model, and this run trained a {task.kind} "
                                f"model on {task.name}; score it with python -m vbshare.evaluate run_dir=... split=test")
+        if settings.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise VBShareError("harness.chat_template=true, but this run's tokenizer has no chat template; leave "
+                               "harness.chat_template=false")
         model.eval()
         if settings.merge:
             merge(model)
+        hf_logger = logging.getLogger("lm_eval.models.huggingface")
         notice = _InMemoryModelNotice()
-        logging.getLogger("lm_eval.models.huggingface").addFilter(notice)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-                  add_bos_token=settings.add_bos_token)
-        logging.getLogger("lm_eval.models.huggingface").removeFilter(notice)
-        log.info("lm-eval %s on %s: tasks %s%s", lm_eval.__version__, run_dir, ", ".join(settings.tasks),
-                 " (adapter merged)" if settings.merge else "")
+        hf_logger.addFilter(notice)
         try:
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
-                task_manager=task_manager, log_samples=samples_dir is not None,
-                apply_chat_template=settings.chat_template, random_seed=settings.seed,
-                numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-                fewshot_random_seed=settings.seed)
-        except (ConnectionError, OSError, FileNotFoundError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise VBShareError(f"lm-eval could not load the data of {', '.join(settings.tasks)} ({first}); its tasks "
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+                      add_bos_token=settings.add_bos_token)
+        finally:
+            hf_logger.removeFilter(notice)
+        log.info("lm-eval %s on %s: tasks %s%s", lm_eval.__version__, run_dir, ", ".join(tasks),
+                 " (adapter merged)" if settings.merge else "")
+        seeds = {} if settings.seed is None else {
+            "random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed,
+            "fewshot_random_seed": settings.seed}
+        try:
+            with engine.autocast():  # the run's precision, as vbshare.evaluate scores it
+                output = lm_eval.simple_evaluate(
+                    model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
+                    task_manager=task_manager, log_samples=samples_dir is not None,
+                    apply_chat_template=settings.chat_template, **seeds)
+        except FileNotFoundError as err:
+            raise VBShareError(f"lm-eval could not read a data file of {', '.join(tasks)} ({first_line(err)}); check "
+                               "the task YAML's data_files paths") from None
+        except (ConnectionError, OSError) as err:
+            raise VBShareError(f"lm-eval could not load the data of {', '.join(tasks)} ({first_line(err)}); its tasks "
                                "download their datasets from the Hub on first use: run once where the Hub is "
                                "reachable, or point a task of your own at a local file") from None
+        except (ValueError, KeyError, TypeError, TemplateError) as err:  # lm-eval's refusals: a bad task YAML, ...
+            raise VBShareError(f"lm-eval stopped on {', '.join(tasks)}: {first_line(err)}") from None
     finally:
         engine.end()
     results = {name: plain(metrics) for name, metrics in output["results"].items()}
     if samples_dir is not None:
         write_samples(Path(samples_dir), output.get("samples", {}))
-    return {"run_dir": str(run_dir), "tasks": list(settings.tasks), "results": results,
+    return {"run_dir": str(run_dir), "tasks": tasks, "results": results,
             "n_samples": {name: counts.get("effective") for name, counts in output.get("n-samples", {}).items()},
             "settings": {"num_fewshot": settings.num_fewshot, "limit": settings.limit, "merge": settings.merge,
                          "chat_template": settings.chat_template, "seed": settings.seed,

@@ -27,7 +27,7 @@ Python API (used by vbshare.compare and the notebooks), one module per job:
     table.py     summarise(runs, control) -> one row per configuration (one task and metric only); pareto_front;
                  stage_table (the sparsifying stages)
     plots.py     pareto_plot, bar_plot, validation_curve, curves_plot, stages_plot
-    markdown.py  markdown_table, count_text; write_report(runs, out, control, references); reference_scores
+    markdown.py  markdown_table, count_text; write_report(runs, out, control, references); reference_score
     cli.py       main (python -m vbshare.report)
 Method-specific columns are the methods' own: every number a run's adapter reports in its summary's `sharing`
 (`sharing_pattern()` of the adapter contract: SoRA's retained rank, ASLoRA's merges, ...) becomes a column,
@@ -35,7 +35,7 @@ averaged over seeds, without the report knowing what it means.
 """
 from .cli import main
 from .examples import examples_vs_control, paired_examples, read_predictions
-from .markdown import count_text, markdown_table, reference_scores, write_report
+from .markdown import count_text, markdown_table, reference_score, write_report
 from .plots import bar_plot, curves_plot, pareto_plot, stages_plot, validation_curve
 from .runs import collect_runs, split_groups
 from .stats import mcnemar_p, mean_ci, paired_p, wilcoxon_p
@@ -44,4 +44,4 @@ from .table import DEFAULT_CONTROL, method_rank, pareto_front, stage_table, summ
 __all__ = ["DEFAULT_CONTROL", "bar_plot", "collect_runs", "count_text", "curves_plot", "examples_vs_control",
            "main", "markdown_table", "mcnemar_p", "mean_ci", "method_rank", "paired_examples", "paired_p",
            "pareto_front", "pareto_plot", "read_predictions", "split_groups", "stage_table", "stages_plot",
-           "reference_scores", "summarise", "validation_curve", "wilcoxon_p", "write_report"]
+           "reference_score", "summarise", "validation_curve", "wilcoxon_p", "write_report"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import VBShareError
-from .markdown import reference_scores, write_report
+from .markdown import write_report
 from .runs import collect_runs, split_groups
 from .table import DEFAULT_CONTROL
 
@@ -30,10 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             label, sep, run_dir = item.partition("=")
             if not sep or not label or not run_dir:
                 raise VBShareError(f"--reference {item}: give LABEL=RUN_DIR, e.g. --reference zero-shot=runs/untrained")
+            if label in references:
+                raise VBShareError(f"--reference {label} is given twice; give each reference its own label")
             references[label] = run_dir
         runs = collect_runs(args.root, args.split)
-        split = args.split or str(runs["split"].iloc[0])
-        written = write_report(runs, out, args.control, reference_scores(references, split))
+        written = write_report(runs, out, args.control, references)
     except VBShareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -64,34 +64,41 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reference_scores(references: dict[str, str | Path], split: str) -> dict[str, dict[str, float]]:
-    """{label: {metric: score}} of reference runs (e.g. the untrained model scored by a run that trained
-    nothing): each run's final scores on `split`, read from its summary.json."""
-    scores = {}
-    for label, run_dir in references.items():
-        summary = RunDir(run_dir).read_summary()
-        final = summary.get("final", {}).get(split)
-        if not isinstance(final, dict):
-            raise VBShareError(f"the reference run {run_dir} has no final {split} scores in its summary.json; "
-                               f"give a finished run scored on {split}")
-        scores[label] = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
-    return scores
+def reference_score(run_dir: str | Path, task: str, metric: str, split: str) -> float | None:
+    """A reference run's final `split` score on `metric`, when that run scored `task` (else None): e.g. the
+    untrained model, scored by a run that trained nothing (docs/comparing.md)."""
+    summary = RunDir(run_dir).read_summary()
+    if summary.get("task") != task:
+        return None
+    value = summary.get("final", {}).get(split, {}).get(metric)
+    if not isinstance(value, (int, float)):
+        raise VBShareError(f"the reference run {run_dir} has no final {split} {metric} in its summary.json; give a "
+                           f"finished run of {task} scored on {split}")
+    return float(value)
 
 
 def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CONTROL,
-                 references: dict[str, dict[str, float]] | None = None) -> list[Path]:
+                 references: dict[str, str | Path] | None = None) -> list[Path]:
     """report.md, report.csv, pareto.png, bars.png and curves.png in `out`, plus stages.csv and
     sparsity_stages.png when some run went through sparsifying stages; with several (task, metric) groups, the
-    same set in one sub-folder `<task>-<metric>` per group. `references` ({label: {metric: score}}, e.g. from
-    `reference_scores`) are drawn as lines on the plots and listed under the table. Returns the files written."""
+    same set in one sub-folder `<task>-<metric>` per group. `references` ({label: run folder}) are finished runs
+    whose score (same task, metric and split as a group's) is drawn as a line on that group's plots and listed under
+    its table; one that matches no group is refused. Returns the files written."""
     out = Path(out)
     groups = split_groups(runs)
     written = []
+    unmatched = set(references or {})
     for (task, metric), group in groups.items():
         folder = out if len(groups) == 1 else out / f"{task}-{metric}"
         folder.mkdir(parents=True, exist_ok=True)
         table = summarise(group, control)
-        lines = {label: scores[metric] for label, scores in (references or {}).items() if metric in scores}
+        split = str(group["split"].mode().iloc[0])  # the split the group's scores come from (test unless none has it)
+        lines = {}
+        for label, run_dir in (references or {}).items():
+            value = reference_score(run_dir, task, metric, split)
+            if value is not None:
+                lines[label] = value
+                unmatched.discard(label)
         text = markdown_table(table) + "".join(f"\nReference: {label}, {metric} = {value:.4f}.\n"
                                                for label, value in lines.items())
         atomic_write(folder / "report.md", text.encode())
@@ -108,5 +115,9 @@ def write_report(runs: pd.DataFrame, out: str | Path, control: str = DEFAULT_CON
         else:  # an earlier report into this folder may have had stages: do not leave them beside this one
             for stale in ("stages.csv", "sparsity_stages.png"):
                 (folder / stale).unlink(missing_ok=True)
+    if unmatched:
+        label = sorted(unmatched)[0]
+        raise VBShareError(f"the reference {label}={references[label]} scored another task than these runs "
+                           f"({', '.join(sorted({t for t, _ in groups}))}); give a run of the same task")
     return written
 

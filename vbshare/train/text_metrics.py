@@ -60,6 +60,12 @@ def exact_match(prediction: str, reference: str) -> bool:
     return predicted is not None and expected is not None and predicted == expected
 
 
+def _drop_default_tokenizer_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for rouge-score's "Using default tokenizer." (logged through absl at every scorer
+    built), True for everything else."""
+    return record.getMessage() != "Using default tokenizer."
+
+
 def per_example_scores(predictions: list[str], references: list[str], metrics: tuple[str, ...]) -> list[dict[str, float]]:
     """One {metric: value} per example (sentence BLEU / chrF, ROUGE F-measures, exact match as 0 / 1)."""
     rows: list[dict[str, float]] = [{} for _ in predictions]
@@ -67,7 +73,9 @@ def per_example_scores(predictions: list[str], references: list[str], metrics: t
     if rouge:
         from rouge_score import rouge_scorer
 
-        logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per scorer
+        absl_logger = logging.getLogger("absl")
+        if _drop_default_tokenizer_notice not in absl_logger.filters:
+            absl_logger.addFilter(_drop_default_tokenizer_notice)
         scorer = rouge_scorer.RougeScorer([ROUGE_NAMES[m] for m in rouge], use_stemmer=True)
         for row, prediction, reference in zip(rows, predictions, references):
             scores = scorer.score(reference, prediction)  # (target, prediction)
