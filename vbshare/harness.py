@@ -22,6 +22,7 @@ lm-eval does its own batching, and a model passed in memory is not sharded acros
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -125,6 +126,14 @@ class _InMemoryModelNotice(logging.Filter):
                     or message.startswith("Passed an already-initialized model through"))
 
 
+@functools.lru_cache(maxsize=4)
+def task_index(include_path: str | None):
+    """lm-eval's TaskManager over its own tasks plus `include_path`: indexing its ~15,000 task files takes seconds,
+    so one process builds it once per folder."""
+    _, _, TaskManager = import_lm_eval()
+    return TaskManager(include_path=include_path)
+
+
 def resolve_tasks(task_manager, tasks: Sequence[str]) -> list[str]:
     """The registered names that `tasks` (names or glob patterns) stand for; one that matches nothing is refused
     before any model is built."""
@@ -156,11 +165,11 @@ def harness_evaluate(run_dir: str | Path, settings: HarnessSettings, overrides: 
     from .train.settings import read_settings
     from .train.setup import set_threads
 
-    lm_eval, HFLM, TaskManager = import_lm_eval()
+    lm_eval, HFLM, _ = import_lm_eval()
     from jinja2 import TemplateError  # lm-eval's prompt templates (a dependency of lm-eval)
 
     run_dir = Path(run_dir)
-    task_manager = TaskManager(include_path=settings.include_path)
+    task_manager = task_index(settings.include_path)
     tasks = resolve_tasks(task_manager, settings.tasks)
     if not any(o.split("=", 1)[0] == "trainer.max_examples" for o in overrides):
         overrides = [*overrides, "trainer.max_examples=1"]  # the model is what is scored; the run's data is not
