@@ -5,6 +5,7 @@ and its memory stays that of a chunk, stored = k + l per module, defaults, bad c
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import subprocess
 import sys
@@ -177,6 +178,45 @@ def test_cached_and_regenerated_agree():
         torch.testing.assert_close(a.coef_A, b.coef_A, atol=1e-7, rtol=0)
         torch.testing.assert_close(a.coef_B, b.coef_B, atol=1e-7, rtol=0)
         torch.testing.assert_close(a.delta_weight(), b.delta_weight(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])
+def test_evaluation_combines_the_bases_once_until_a_coefficient_changes(cache, monkeypatch):
+    """Under no_grad the factors are combined once and reused (each decoded token is a forward pass); an optimiser
+    step, a load or a move changes them, and the output is always that of freshly combined factors (float64 ref)."""
+    model = adapted(cache_bases=cache)
+    train(model)
+    layer = vbshare.adapters(model)["layers.0.fc"]
+    draws = []
+    real_draw = type(layer.spec_A).draw
+    monkeypatch.setattr(type(layer.spec_A), "draw", lambda self, *a, **k: (draws.append(1), real_draw(self, *a, **k))[1])
+    combines = []
+    nola = importlib.import_module("vbshare.adapters.nola")  # (vbshare.adapters is also a function)
+    real_combine = nola.combine
+    monkeypatch.setattr(nola, "combine", lambda c, b: (combines.append(1), real_combine(c, b))[1])
+
+    def reference(x: torch.Tensor) -> torch.Tensor:  # float64: W x + s · B A x with A, B from the bases
+        bases_A, bases_B = (b.double() for b in layer.bases())
+        A = torch.einsum("k,kri->ri", layer.coef_A.double(), bases_A)  # (r, in)
+        B = torch.einsum("l,lor->or", layer.coef_B.double(), bases_B)  # (out, r)
+        base = layer.base_layer
+        return x.double() @ base.weight.double().T + base.bias.double() + layer.scale * (x.double() @ A.T @ B.T)
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        first = layer(x)
+        work = len(draws) + len(combines)
+        assert work > 0
+        second = layer(x)
+        assert len(draws) + len(combines) == work  # nothing combined or drawn again
+        torch.testing.assert_close(second.double(), reference(x), atol=1e-5, rtol=0)
+        layer.coef_B.add_(0.5)  # what an optimiser step does
+        third = layer(x)
+        assert len(draws) + len(combines) > work and not torch.allclose(third, first)
+    with torch.no_grad():
+        torch.testing.assert_close(third.double(), reference(x), atol=1e-5, rtol=0)
+    layer.to(torch.float64)  # a move replaces the coefficients
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), reference(x), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "chunked"])

@@ -194,6 +194,7 @@ class NOLA(LowRankAdapter):
         bound = math.sqrt(3.0 / self.in_features)  # Var(A entry) = k · (1/in) · 1/(3k) = 1/(3·in), as LoRA's A
         nn.init.uniform_(self.coef_A, -bound, bound)
         self.cache_bases, self.chunk_size = config.caches(state.targets), config.chunk_size
+        self._eval_factors: tuple[tuple, Tensor, Tensor] | None = None  # (coefficient key, A, B), see factors()
         if self.cache_bases:
             self.register_buffer("bases_A", self.draw_all(self.spec_A, device), persistent=False)  # (k, r, in)
             self.register_buffer("bases_B", self.draw_all(self.spec_B, device), persistent=False)  # (l, out, r)
@@ -214,12 +215,21 @@ class NOLA(LowRankAdapter):
                 self.draw_all(self.spec_B, self.coef_B.device, self.coef_B.dtype))
 
     def factors(self) -> tuple[Tensor, Tensor, float]:
+        """A (r, in), B (out, r) and the scale. Without autograd (evaluation, decoding) the combined factors are
+        kept until a coefficient changes (in place, or replaced by a move or a load), so the k + l bases are
+        combined, or made again, once per evaluation instead of once per forward pass: each decoded token is one
+        pass."""
+        key = (self.coef_A._version, self.coef_B._version, self.coef_A.data_ptr(), self.coef_B.data_ptr(),
+               self.coef_A.dtype, self.coef_A.device)
+        if not torch.is_grad_enabled() and self._eval_factors is not None and self._eval_factors[0] == key:
+            return self._eval_factors[1], self._eval_factors[2], self.scale
         if self.cache_bases:
             A = combine(self.coef_A, self.bases_A.to(self.coef_A.dtype))  # (r, in)
             B = combine(self.coef_B, self.bases_B.to(self.coef_B.dtype))  # (out, r)
         else:
             A = _CombineChunked.apply(self.coef_A, self.spec_A, self.chunk_size)  # (r, in)
             B = _CombineChunked.apply(self.coef_B, self.spec_B, self.chunk_size)  # (out, r)
+        self._eval_factors = None if torch.is_grad_enabled() else (key, A, B)
         return A, B, self.scale
 
     def extra_repr(self) -> str:
