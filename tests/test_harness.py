@@ -15,8 +15,8 @@ pytest.importorskip("lm_eval", reason="the harness extra (pip install .[harness]
 
 from vbshare.errors import VBShareError  # noqa: E402
 from vbshare.evaluate import main as evaluate_main  # noqa: E402
-from vbshare.evaluate import rebuild_trained, run_config  # noqa: E402
-from vbshare.harness import HarnessSettings, harness_evaluate, read_harness_settings  # noqa: E402
+from vbshare.evaluate import evaluate_with_harness, rebuild_trained, run_config  # noqa: E402
+from vbshare.harness import HarnessSettings, read_harness_settings  # noqa: E402
 from vbshare.train.engine import Engine  # noqa: E402
 from vbshare.train.settings import read_settings  # noqa: E402
 
@@ -109,7 +109,7 @@ def samples(folder: Path, task: str) -> list[dict]:
 def test_multiple_choice_scores_are_the_adapted_models_loglikelihoods(lm_run, tasks, tmp_path):
     settings = HarnessSettings(tasks=("vbshare_tiny_choice",), include_path=str(tasks), add_bos_token=False,
                                batch_size=2)
-    result = harness_evaluate(lm_run, settings, samples_dir=tmp_path / "unmerged")
+    result = evaluate_with_harness(lm_run, settings, samples_dir=tmp_path / "unmerged")
     model, tokenizer = adapted_model(lm_run)
     ours = [[loglikelihood(model, tokenizer, q, " " + choice) for choice in choices] for q, choices, _ in QUESTIONS]
     rows = samples(tmp_path / "unmerged", "vbshare_tiny_choice")
@@ -124,7 +124,7 @@ def test_multiple_choice_scores_are_the_adapted_models_loglikelihoods(lm_run, ta
         base = [[loglikelihood(model, tokenizer, q, " " + c) for c in choices] for q, choices, _ in QUESTIONS]
     assert max(abs(a - b) for a, b in zip(flat(base), flat(ours))) > 1e-3
 
-    merged = harness_evaluate(lm_run, HarnessSettings(**{**settings.__dict__, "merge": True}),
+    merged = evaluate_with_harness(lm_run, HarnessSettings(**{**settings.__dict__, "merge": True}),
                               samples_dir=tmp_path / "merged")
     merged_rows = samples(tmp_path / "merged", "vbshare_tiny_choice")
     assert flat([[float(r[0][0]) for r in row["resps"]] for row in merged_rows]) == pytest.approx(flat(theirs), abs=1e-4)
@@ -195,5 +195,5 @@ def test_unknown_and_unreachable_tasks_and_a_classifier_run_are_refused_in_one_l
         cfg = compose("train", overrides=overrides)
     run_training(cfg, tmp_path / "classifier", overrides)
     with pytest.raises(VBShareError, match="lm-eval tasks score a causal language model"):
-        harness_evaluate(tmp_path / "classifier", HarnessSettings(tasks=("vbshare_tiny_choice",),
+        evaluate_with_harness(tmp_path / "classifier", HarnessSettings(tasks=("vbshare_tiny_choice",),
                                                                   include_path=str(tasks)))

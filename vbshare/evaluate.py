@@ -48,7 +48,7 @@ from torch import nn
 from .errors import VBShareError
 from .files import atomic_write
 from .harness import PREFIX as HARNESS_PREFIX
-from .harness import harness_evaluate, read_harness_settings
+from .harness import HarnessSettings, prepare_tasks, read_harness_settings, score_model
 from .records import flatten
 from .rundir import PREDICTIONS, RunDir
 from .train.app import CONFIG_DIR, USER_ERRORS, exit_with
@@ -198,6 +198,44 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: Sequence[s
             "examples": len(data[split]), "predictions": None if predictions_path is None else str(predictions_path)}
 
 
+def evaluate_with_harness(run_dir: str | Path, settings: HarnessSettings, overrides: Sequence[str] = (),
+                          check_base: bool = True, samples_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score a finished causal-LM run on lm-evaluation-harness tasks (vbshare/harness.py): the run rebuilt as for
+    `evaluate_run` (only one example per split of its own data tokenised: `trainer.max_examples=1`), then its
+    adapted model handed to lm-eval in memory, under the run's precision. `samples_dir` (outside the run) receives
+    one samples_<task>.jsonl per task.
+
+    Returns {"run_dir", "tasks", "results": {task: {metric: value}}, "n_samples", "settings", "lm_eval"}.
+    """
+    run_dir = Path(run_dir)
+    if samples_dir is not None:
+        check_outside(Path(samples_dir), run_dir)
+    tasks = prepare_tasks(settings)  # before any model is built
+    if not any(o.split("=", 1)[0] == "trainer.max_examples" for o in overrides):
+        overrides = [*overrides, "trainer.max_examples=1"]  # the model is what is scored; the run's data is not
+    cfg = run_config(run_dir, overrides)
+    if settings.merge and cfg.model.get("quantization"):
+        raise VBShareError(f"harness.merge=true folds the adapter into base weights, and this run's base is "
+                           f"{cfg.model.quantization}-quantized; leave harness.merge=false to score it unmerged")
+    trainer = read_settings(cfg).trainer
+    engine = Engine(trainer)
+    try:
+        if engine.distributed:
+            raise VBShareError("the lm-eval bridge runs in one process (lm-eval batches on its own); start it with "
+                               "python, not torchrun or accelerate launch")
+        if engine.device.type == "cpu":
+            set_threads(trainer.num_threads)
+        task, model, tokenizer, _ = rebuild_trained(cfg, run_dir, engine, check_base)
+        if task.kind != "lm" or not hasattr(model, "generate"):
+            raise VBShareError(f"lm-eval tasks score a causal language model, and this run trained a {task.kind} "
+                               f"model on {task.name}; score it with python -m vbshare.evaluate run_dir=... split=test")
+        log.info("scoring %s with lm-evaluation-harness", run_dir)
+        result = score_model(model, tokenizer, settings, tasks, engine.autocast(), samples_dir)
+    finally:
+        engine.end()
+    return {"run_dir": str(run_dir), **result}
+
+
 def rebuild_trained(cfg: DictConfig, run_dir: Path, engine: Engine, check_base: bool = True,
                     split: str | None = None) -> tuple[Any, nn.Module, Any, dict]:
     """A fresh base built as the training app builds it, with what the run trained (`adapter/` with the head, a
@@ -262,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             folder = Path(str(out)) if out else None
             if folder is not None:
                 check_outside(folder, run_dir)
-            result = harness_evaluate(run_dir, read_harness_settings(harness), rest, check_base, folder)
+            result = evaluate_with_harness(run_dir, read_harness_settings(harness), rest, check_base, folder)
         else:
             result = evaluate_run(run_dir, split, rest, None if folder is None else folder / PREDICTIONS, check_base)
     except USER_ERRORS as err:

@@ -4,7 +4,9 @@
         [harness.batch_size=8] [harness.merge=true] [harness.include_path=DIR] [harness.chat_template=true]
         [harness.add_bos_token=true|false] [harness.seed=0] [out=FOLDER]
 
-    harness_evaluate(run_dir, HarnessSettings(tasks=("gsm8k",)), overrides=(), samples_dir=None) -> dict
+    evaluate_with_harness(run_dir, HarnessSettings(tasks=("gsm8k",)), overrides=(), samples_dir=None) -> dict
+                                                          (vbshare.evaluate: the run rebuilt, then score_model)
+    score_model(model, tokenizer, settings, tasks) -> dict                   (any causal LM, adapted or not)
 
 The run is rebuilt as `vbshare.evaluate` rebuilds it (configs/ plus the overrides it recorded; what it trained
 loaded onto a fresh base, whose weights are checked) and handed, in memory, to lm-eval's Hugging Face model
@@ -22,6 +24,7 @@ lm-eval does its own batching, and a model passed in memory is not sharded acros
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -29,6 +32,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from torch import nn
 
 from .core import merge
 from .errors import VBShareError
@@ -152,83 +157,66 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def harness_evaluate(run_dir: str | Path, settings: HarnessSettings, overrides: Sequence[str] = (),
-                     check_base: bool = True, samples_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score a finished causal-LM run on lm-eval tasks. `samples_dir` (outside the run) receives one
-    samples_<task>.jsonl per task: each document's prompt arguments, target, responses and metric values.
+def prepare_tasks(settings: HarnessSettings) -> list[str]:
+    """The task names `settings.tasks` stand for; lm-eval missing or a task it does not know is one line, before
+    any model is built."""
+    import_lm_eval()
+    return resolve_tasks(task_index(settings.include_path), settings.tasks)
 
-    Returns {"run_dir", "tasks", "results": {task: {metric: value}}, "n_samples": {task: documents},
-    "settings": {...}, "lm_eval": version}.
+
+def score_model(model: nn.Module, tokenizer, settings: HarnessSettings, tasks: Sequence[str],
+                autocast: contextlib.AbstractContextManager | None = None,
+                samples_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score an (adapted) causal LM on lm-eval tasks (`prepare_tasks`' names), in memory: lm-eval's HFLM wraps the
+    model as it is, `settings.merge` first folding its adapters into the base weights. `autocast`: the precision
+    context to score under (the run's). `samples_dir` receives one samples_<task>.jsonl per task: each document's
+    prompt arguments, target, responses and metric values.
+
+    Returns {"tasks", "results": {task: {metric: value}}, "n_samples": {task: documents}, "settings": {...},
+    "lm_eval": version}.
     """
-    from .evaluate import rebuild_trained, run_config  # the same rebuild as vbshare.evaluate
-    from .train.engine import Engine
-    from .train.settings import read_settings
-    from .train.setup import set_threads
-
     lm_eval, HFLM, _ = import_lm_eval()
     from jinja2 import TemplateError  # lm-eval's prompt templates (a dependency of lm-eval)
 
-    run_dir = Path(run_dir)
-    task_manager = task_index(settings.include_path)
-    tasks = resolve_tasks(task_manager, settings.tasks)
-    if not any(o.split("=", 1)[0] == "trainer.max_examples" for o in overrides):
-        overrides = [*overrides, "trainer.max_examples=1"]  # the model is what is scored; the run's data is not
-    cfg = run_config(run_dir, overrides)
-    if settings.merge and cfg.model.get("quantization"):
-        raise VBShareError(f"harness.merge=true folds the adapter into base weights, and this run's base is "
-                           f"{cfg.model.quantization}-quantized; leave harness.merge=false to score it unmerged")
-    trainer = read_settings(cfg).trainer
-    engine = Engine(trainer)
+    tasks = list(tasks)
+    if settings.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise VBShareError("harness.chat_template=true, but this run's tokenizer has no chat template; leave "
+                           "harness.chat_template=false")
+    model.eval()
+    if settings.merge:
+        merge(model)
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    notice = _InMemoryModelNotice()
+    hf_logger.addFilter(notice)
     try:
-        if engine.distributed:
-            raise VBShareError("the lm-eval bridge runs in one process (lm-eval batches on its own); start it with "
-                               "python, not torchrun or accelerate launch")
-        if engine.device.type == "cpu":
-            set_threads(trainer.num_threads)
-        task, model, tokenizer, _ = rebuild_trained(cfg, run_dir, engine, check_base)
-        if task.kind != "lm" or not hasattr(model, "generate"):
-            raise VBShareError(f"lm-eval tasks score a causal language model, and this run trained a {task.kind} "
-                               f"model on {task.name}; score it with python -m vbshare.evaluate run_dir=... split=test")
-        if settings.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise VBShareError("harness.chat_template=true, but this run's tokenizer has no chat template; leave "
-                               "harness.chat_template=false")
-        model.eval()
-        if settings.merge:
-            merge(model)
-        hf_logger = logging.getLogger("lm_eval.models.huggingface")
-        notice = _InMemoryModelNotice()
-        hf_logger.addFilter(notice)
-        try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-                      add_bos_token=settings.add_bos_token)
-        finally:
-            hf_logger.removeFilter(notice)
-        log.info("lm-eval %s on %s: tasks %s%s", lm_eval.__version__, run_dir, ", ".join(tasks),
-                 " (adapter merged)" if settings.merge else "")
-        seeds = {} if settings.seed is None else {
-            "random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed,
-            "fewshot_random_seed": settings.seed}
-        try:
-            with engine.autocast():  # the run's precision, as vbshare.evaluate scores it
-                output = lm_eval.simple_evaluate(
-                    model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
-                    task_manager=task_manager, log_samples=samples_dir is not None,
-                    apply_chat_template=settings.chat_template, **seeds)
-        except FileNotFoundError as err:
-            raise VBShareError(f"lm-eval could not read a data file of {', '.join(tasks)} ({first_line(err)}); check "
-                               "the task YAML's data_files paths") from None
-        except (ConnectionError, OSError) as err:
-            raise VBShareError(f"lm-eval could not load the data of {', '.join(tasks)} ({first_line(err)}); its tasks "
-                               "download their datasets from the Hub on first use: run once where the Hub is "
-                               "reachable, or point a task of your own at a local file") from None
-        except (ValueError, KeyError, TypeError, TemplateError) as err:  # lm-eval's refusals: a bad task YAML, ...
-            raise VBShareError(f"lm-eval stopped on {', '.join(tasks)}: {first_line(err)}") from None
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+                  add_bos_token=settings.add_bos_token)
     finally:
-        engine.end()
+        hf_logger.removeFilter(notice)
+    log.info("lm-eval %s: tasks %s%s", lm_eval.__version__, ", ".join(tasks),
+             " (adapter merged)" if settings.merge else "")
+    seeds = {} if settings.seed is None else {
+        "random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed,
+        "fewshot_random_seed": settings.seed}
+    try:
+        with autocast or contextlib.nullcontext():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
+                task_manager=task_index(settings.include_path), log_samples=samples_dir is not None,
+                apply_chat_template=settings.chat_template, **seeds)
+    except FileNotFoundError as err:
+        raise VBShareError(f"lm-eval could not read a data file of {', '.join(tasks)} ({first_line(err)}); check "
+                           "the task YAML's data_files paths") from None
+    except (ConnectionError, OSError) as err:
+        raise VBShareError(f"lm-eval could not load the data of {', '.join(tasks)} ({first_line(err)}); its tasks "
+                           "download their datasets from the Hub on first use: run once where the Hub is "
+                           "reachable, or point a task of your own at a local file") from None
+    except (ValueError, KeyError, TypeError, TemplateError) as err:  # lm-eval's refusals: a bad task YAML, ...
+        raise VBShareError(f"lm-eval stopped on {', '.join(tasks)}: {first_line(err)}") from None
     results = {name: plain(metrics) for name, metrics in output["results"].items()}
     if samples_dir is not None:
         write_samples(Path(samples_dir), output.get("samples", {}))
-    return {"run_dir": str(run_dir), "tasks": tasks, "results": results,
+    return {"tasks": tasks, "results": results,
             "n_samples": {name: counts.get("effective") for name, counts in output.get("n-samples", {}).items()},
             "settings": {"num_fewshot": settings.num_fewshot, "limit": settings.limit, "merge": settings.merge,
                          "chat_template": settings.chat_template, "seed": settings.seed,

@@ -219,9 +219,10 @@ class NOLA(LowRankAdapter):
         kept until a coefficient changes (in place, or replaced by a move or a load), so the k + l bases are
         combined, or made again, once per evaluation instead of once per forward pass: each decoded token is one
         pass."""
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # (a compiled graph has no state)
         key = (self.coef_A._version, self.coef_B._version, self.coef_A.data_ptr(), self.coef_B.data_ptr(),
-               self.coef_A.dtype, self.coef_A.device)
-        if not torch.is_grad_enabled() and self._eval_factors is not None and self._eval_factors[0] == key:
+               self.coef_A.dtype, self.coef_A.device) if reuse else None
+        if reuse and self._eval_factors is not None and self._eval_factors[0] == key:
             return self._eval_factors[1], self._eval_factors[2], self.scale
         if self.cache_bases:
             A = combine(self.coef_A, self.bases_A.to(self.coef_A.dtype))  # (r, in)
@@ -229,7 +230,7 @@ class NOLA(LowRankAdapter):
         else:
             A = _CombineChunked.apply(self.coef_A, self.spec_A, self.chunk_size)  # (r, in)
             B = _CombineChunked.apply(self.coef_B, self.spec_B, self.chunk_size)  # (out, r)
-        self._eval_factors = None if torch.is_grad_enabled() else (key, A, B)
+        self._eval_factors = (key, A, B) if reuse else None
         return A, B, self.scale
 
     def extra_repr(self) -> str:
