@@ -68,6 +68,7 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return float(math.exp(total_nll / max(tokens, 1)))
 
 
+TEXT_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "chrf")  # generated free text (vbshare.train.text_metrics)
 LOWER_IS_BETTER = ("perplexity", "loss")  # every other metric is better when higher:
 # accuracy, F1s, MCC, correlations, and the generation scores of vbshare.train.text_metrics (ROUGE, BLEU, chrF,
 # exact match)

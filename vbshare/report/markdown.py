@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..errors import VBShareError
 from ..files import atomic_write
+from ..metrics import TEXT_METRICS
 from ..rundir import RunDir
 from .examples import MCNEMAR, WILCOXON
 from .plots import _direction, bar_plot, curves_plot, pareto_plot, stages_plot
@@ -33,7 +34,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     direction = _direction(str(metric))
     tests = set(table["examples_test"].dropna())
     examples = {MCNEMAR: "exact McNemar (sign) test on correctness, not on the metric itself",
-                WILCOXON: "Wilcoxon signed-rank test on the per-example losses, not on the metric itself"}
+                WILCOXON: (f"Wilcoxon signed-rank test on each example's {metric}" if metric in TEXT_METRICS else
+                           "Wilcoxon signed-rank test on the per-example losses, not on the metric itself")}
     per_example = (f" Per-example: each test example's result averaged over the shared seeds (pairs: distinct "
                    f"examples); better / worse: examples where the configuration beats the control / the reverse; p: "
                    f"{' or '.join(examples[t] for t in sorted(tests))}." if tests else "")

@@ -17,7 +17,8 @@ from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
-TEXT_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "chrf")  # data.metrics for free text
+from ..metrics import TEXT_METRICS  # data.metrics for free text: ("rouge_l", "rouge1", "rouge2", "bleu", "chrf")
+
 MATH_METRICS = ("exact_match",)  # data.metrics for numeric answers
 ROUGE_NAMES = {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"}  # ours -> rouge-score's
 ANSWER_MARKERS = ("####", "The answer is:", "The answer is", "The final answer is:", "The final answer is")
